@@ -1,0 +1,131 @@
+"""MLflow tracking: one parent run per pipeline, one child run per stage, lineage between stages.
+
+The store is `sqlite:///<workdir>/mlflow.db` unless `MLFLOW_TRACKING_URI` (or the config's
+`tracking.uri`) says otherwise; artifacts of a sqlite store go to `<workdir>/mlartifacts`.
+
+Everything goes through an explicit `MlflowClient` (no global active run), so stages can run in threads or
+Ray workers without stepping on each other. In distributed code only rank 0 writes: `StageRun` methods are
+no-ops on other ranks (`is_rank_zero`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+INPUT_RUN_TAG = "fmrilm.input_run_id"
+STAGE_TAG = "fmrilm.stage"
+PARENT_TAG = "mlflow.parentRunId"
+_MAX_PARAM_LEN = 6000
+_BATCH = 100
+
+
+def is_rank_zero() -> bool:
+    """True in the process that owns logging: rank 0 of torch.distributed / torchrun, or a plain process."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resolve_uri(workdir: Path, uri: str | None = None) -> str:
+    """Config value > $MLFLOW_TRACKING_URI > sqlite store in the workdir."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
+
+
+class StageRun:
+    """A live MLflow run. Methods log on rank 0 and do nothing elsewhere."""
+
+    def __init__(self, client: MlflowClient | None, run_id: str | None):
+        self.client = client
+        self.run_id = run_id
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None and self.run_id is not None and is_rank_zero()
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        if not self.active:
+            return
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + _BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        if not self.active:
+            return
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.active:
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class Tracker:
+    """Opens runs in one experiment of one tracking store."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+
+    @classmethod
+    def for_workdir(cls, workdir: Path, experiment: str, uri: str | None = None) -> Tracker:
+        resolved = resolve_uri(Path(workdir), uri)
+        root = Path(workdir) / "mlartifacts" if resolved.startswith("sqlite:") else None
+        return cls(resolved, experiment, root)
+
+    @contextmanager
+    def run(self, name: str, *, parent: StageRun | None = None, params: Mapping[str, object] | None = None,
+            input_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+        """A run that ends FINISHED, or FAILED when the body raises. Only rank 0 creates it."""
+        if not is_rank_zero():
+            yield StageRun(None, None)
+            return
+        all_tags = {STAGE_TAG: name, **(tags or {})}
+        if parent is not None and parent.run_id:
+            all_tags[PARENT_TAG] = parent.run_id
+        if input_run_id:
+            all_tags[INPUT_RUN_TAG] = input_run_id
+        info = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info
+        run = StageRun(self.client, info.run_id)
+        if params:
+            run.log_params(params)
+        try:
+            yield run
+        except BaseException:
+            self.client.set_terminated(info.run_id, status="FAILED")
+            raise
+        self.client.set_terminated(info.run_id, status="FINISHED")

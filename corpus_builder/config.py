@@ -1,0 +1,96 @@
+"""Typed configs of the corpus stage, and the strict base model every stage config derives from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StrictModel(BaseModel):
+    """Base of all config models: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PhenotypeEffects(StrictModel):
+    """Strength of the planted phenotype effects (in units of the group FC's typical deviation).
+
+    0 removes an effect; 1 is the default, clearly learnable from FC of 160 volumes.
+    """
+
+    sex: float = Field(1.0, ge=0)
+    age: float = Field(1.0, ge=0)
+    fluid_intelligence: float = Field(1.0, ge=0)
+    diagnosis: float = Field(1.0, ge=0)
+
+
+class SynthConfig(StrictModel):
+    """`fmrilm synth`: a synthetic cohort in the timeseries-tables layout."""
+
+    subjects: int = Field(200, ge=1)
+    sessions: int = Field(1, ge=1, description="sessions per subject")
+    seed: int = 0
+    datasets: list[Literal["UKB", "ABCD", "HCP", "ADNI", "ADHD200", "ABIDE"]] = ["UKB", "ABCD"]
+    roi_format: Literal["npy", "tsv", "tsv.gz"] = Field(
+        "npy", description="file type of the ROI tables (npy is ~10x smaller and faster than tsv)"
+    )
+    effects: PhenotypeEffects = PhenotypeEffects()
+    length_scale: float = Field(
+        1.0, gt=0, le=1.0, description="fraction of each dataset's native scan length to write (tests shrink it)"
+    )
+
+
+class AtlasConfig(StrictModel):
+    """Atlas files the user names (Schaefer-400 and Tian S3 ship in no package installable offline)."""
+
+    images: list[Path] = Field(default_factory=list,
+                               description="volumetric label images, Tian S3 first then Schaefer-400")
+    labels: list[Path] = Field(default_factory=list,
+                               description="one label table per image (index<TAB>name, or one name per line)")
+    cifti_labels: Path | None = Field(None, description="dlabel.nii (or label TSV per grayordinate) for ABCD CIFTI")
+    lookup: Path | None = Field(None, description="TSV label -> network for atlases that are not Schaefer/Tian")
+    n_rois: int = Field(450, ge=1, description="expected ROI count; a scan with another count fails")
+
+
+class CleaningConfig(StrictModel):
+    """From native ROI series to X[T, N] at TR 2.0 s (DESIGN 3.2)."""
+
+    confounds: list[Literal["motion", "wm_csf", "global_signal", "compcor"]] = ["motion", "wm_csf"]
+    motion: Literal["basic", "derivatives", "power2", "full"] = Field(
+        "full", description="6, 12, 12 or 24 motion regressors (as nilearn's load_confounds)")
+    detrend: bool = True
+    high_pass: float | None = Field(0.008, description="Hz; None keeps the slow drifts")
+    censor_fd: float | None = Field(None, description="mm; volumes above are censored and interpolated over")
+    tr: float = Field(2.0, gt=0, description="target repetition time, seconds")
+    length: int = Field(160, ge=1, description="target number of volumes T")
+    crop: Literal["centre", "start"] = "centre"
+    too_long: Literal["crop", "interpolate"] = "crop"
+    too_short: Literal["skip", "pad"] = Field(
+        "pad", description="pad: zero-pad (= the mean) at the end; ABCD's 383 x 0.8 s runs give 153 volumes")
+    min_length_fraction: float = Field(0.8, gt=0, le=1, description="shorter than this fraction of T: always fail")
+    zscore: bool = True
+    max_constant_roi_fraction: float = Field(0.1, ge=0, le=1,
+                                             description="fail a scan with more constant (all-zero) ROIs")
+
+
+class UKBConfig(StrictModel):
+    """UK Biobank phenotypes: a field table (eid + one column per field) and which field means what."""
+
+    phenotypes: Path | None = None
+    fields: dict[str, str] = {"sex": "31-0.0", "age": "21003-2.0", "fluid_intelligence": "20016-2.0"}
+    sex_codes: dict[str, str] = {"0": "F", "1": "M"}
+
+
+class SourceConfig(StrictModel):
+    atlas: AtlasConfig = AtlasConfig()
+    cleaning: CleaningConfig = CleaningConfig()
+    ukb: UKBConfig = UKBConfig()
+
+
+class CorpusConfig(StrictModel):
+    """Sources of the corpus build and how their scans become ROI series."""
+
+    sources: list[str] = Field(default_factory=list, description="source roots; empty = the synth output")
+    source: SourceConfig = SourceConfig()

@@ -1,0 +1,78 @@
+"""Sources: each module discovers the scans of one on-disk layout and loads them.
+
+A source module has
+    discover(root: Path, cfg: SourceConfig, pseudonymize) -> list[ScanRecord]
+    load(record: ScanRecord, cfg: SourceConfig) -> RawScan
+Discovery never reads the big files and never raises for a single bad scan: it returns the record with
+`error` set. `--source kind:PATH` names the layout; a bare PATH is detected (`detect`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from corpus_builder.config import SourceConfig
+from corpus_builder.errors import InputError
+from corpus_builder.privacy import Pseudonymizer
+from corpus_builder.records import RawScan, ScanError, ScanRecord
+from corpus_builder.roi_timeseries import clean_scan
+from corpus_builder.sources import tables
+
+SOURCES = {"tables": tables}
+
+
+def register(name: str, module) -> None:
+    SOURCES[name] = module
+
+
+def parse_source(spec: str) -> tuple[str | None, Path]:
+    """`kind:PATH` or `PATH` (kind detected later)."""
+    kind, sep, path = spec.partition(":")
+    if sep and kind in SOURCES:
+        return kind, Path(path)
+    return None, Path(spec)
+
+
+def detect(root: Path) -> str:
+    """Guess the layout of a source root from its files."""
+    if not root.exists():
+        raise InputError(f"{root}: source does not exist")
+    if not root.is_dir():
+        raise InputError(f"{root}: source is not a directory")
+    for name, module in SOURCES.items():
+        if module.matches(root):
+            return name
+    raise InputError(f"{root}: no known source layout found (kinds: {', '.join(SOURCES)})")
+
+
+def discover(spec: str, cfg: SourceConfig, pseudonymize: Pseudonymizer) -> list[ScanRecord]:
+    kind, root = parse_source(spec)
+    kind = kind or detect(root)
+    records = SOURCES[kind].discover(root, cfg, pseudonymize)
+    if not records:
+        raise InputError(f"{root}: no scans found for source kind {kind!r}")
+    return records
+
+
+def load_scan(record: ScanRecord, cfg: SourceConfig) -> RawScan:
+    return SOURCES[record.loader].load(record, cfg)
+
+
+def extract(record: ScanRecord, cfg: SourceConfig) -> tuple[np.ndarray | None, list[str] | None]:
+    """Load and clean one scan. On failure sets `record.error` (one line, naming the file) and returns
+    (None, None); the caller records it and goes on."""
+    if record.error:
+        return None, None
+    try:
+        raw = load_scan(record, cfg)
+        x, labels, qc = clean_scan(raw, cfg.cleaning, cfg.atlas.n_rois)
+    except ScanError as exc:
+        record.fail(str(exc))
+        return None, None
+    except (OSError, ValueError, EOFError) as exc:  # unreadable / corrupt files
+        record.fail(f"unreadable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
+        return None, None
+    record.qc.update(qc)
+    return x, labels
