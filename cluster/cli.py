@@ -76,6 +76,30 @@ def synth(
     typer.echo(f"synthetic cohort: {result.out}  (MLflow run {result.run_id})")
 
 
+corpus_app = typer.Typer(help="Build the corpus from its sources.", no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
+
+
+@corpus_app.command("timeseries")
+def corpus_timeseries(
+    source: Annotated[str, typer.Option(help="source root(s), comma-separated; kind:PATH forces a layout")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (scans.parquet, rois.tsv, zarr)")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Extract clean [T, N] ROI series at TR 2.0 s from every scan of the sources; failures are recorded."""
+    from cluster.pipeline import run_timeseries, tracker_for
+
+    cfg = _load(config, set_)
+    specs = [s for s in source.split(",") if s]
+    result = _guard(run_timeseries, cfg, specs, out, tracker_for(cfg, out), progress=progress_bar)
+    summary = result.summary
+    for line in summary["failures"][:20]:
+        typer.echo(f"  failed: {line}", err=True)
+    typer.echo(f"{summary['ok']} ok, {summary['failed']} failed of {summary['scans']} scans -> {out}"
+               f"  (MLflow run {result.run_id})")
+
+
 @app.command()
 def pipeline(
     config: ConfigOpt = None,

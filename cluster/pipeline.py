@@ -14,6 +14,7 @@ from pathlib import Path
 from cluster.config import PipelineConfig, flatten, save_resolved
 from cluster.progress import no_progress
 from cluster.tracking import StageRun, Tracker
+from corpus_builder.extraction import discover_all, extract_all
 from corpus_builder.synth import synthesize
 
 
@@ -22,6 +23,7 @@ class StageResult:
     name: str
     out: Path
     run_id: str | None
+    summary: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -52,6 +54,23 @@ def run_synth(cfg: PipelineConfig, out: Path, tracker: Tracker, parent: StageRun
         return StageResult("synth", out, run.run_id)
 
 
+def run_timeseries(cfg: PipelineConfig, specs: list[str], out: Path, tracker: Tracker,
+                   parent: StageRun | None = None, input_run_id: str | None = None,
+                   progress=no_progress) -> StageResult:
+    """Stage: every scan of the sources -> clean [T, N] series at TR 2.0 s (`corpus_builder.extraction`)."""
+    params = {"sources.count": len(specs), **flatten(cfg.corpus.source, "source.")}
+    with tracker.run("timeseries", parent=parent, params=params, input_run_id=input_run_id) as run:
+        resolved = save_resolved(cfg, out)
+        records = discover_all(specs, cfg.corpus.source)
+        with progress("timeseries: scans", len(records)) as advance:
+            summary = extract_all(records, cfg.corpus.source, out, progress=advance)
+        run.log_metrics({k: summary[k] for k in ("scans", "ok", "failed", "seconds", "scans_per_s")})
+        for artifact in ("summary.json", "rois.tsv"):
+            run.log_artifact(out / artifact)
+        run.log_artifact(resolved)
+        return StageResult("timeseries", out, run.run_id, summary)
+
+
 def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_progress) -> PipelineResult:
     """Run every stage that the config enables, in order, under one parent MLflow run."""
     workdir = Path(workdir or cfg.workdir)
@@ -60,8 +79,13 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_p
     with tracker.run("pipeline", params=flatten(cfg)) as parent:
         parent.log_artifact(resolved)
         result = PipelineResult(workdir, tracker.uri, parent.run_id)
-        if not cfg.corpus.sources:
-            result.stages.append(run_synth(cfg, workdir / "source", tracker, parent, progress))
+        specs, input_run = list(cfg.corpus.sources), None
+        if not specs:
+            synth = run_synth(cfg, workdir / "source", tracker, parent, progress)
+            result.stages.append(synth)
+            specs, input_run = [str(synth.out)], synth.run_id
+        result.stages.append(run_timeseries(cfg, specs, workdir / "timeseries", tracker, parent, input_run,
+                                            progress))
         summary = {s.name: {"out": str(s.out), "run_id": s.run_id} for s in result.stages}
         (workdir / "pipeline.json").write_text(json.dumps(summary, indent=2))
         parent.log_artifact(workdir / "pipeline.json")

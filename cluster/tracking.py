@@ -94,6 +94,9 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = None
+        if not is_rank_zero():  # other ranks never touch the store
+            return
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id

@@ -31,6 +31,7 @@ from nilearn.glm.first_level import spm_hrf
 
 from corpus_builder.atlas import NETWORKS, SUBCORTICAL, default_labels, roi_table
 from corpus_builder.config import SynthConfig
+from corpus_builder.privacy import Pseudonymizer
 
 ATLAS_NAME = "TianS3Schaefer400"
 
@@ -224,6 +225,7 @@ def synthesize(cfg: SynthConfig, root: Path, progress=None) -> pd.DataFrame:
             if progress is not None:
                 progress(1)
 
+    Pseudonymizer.for_synthetic(root)  # example data carries its own pseudonym key
     participants = pd.DataFrame(rows)
     participants.to_csv(root / "participants.tsv", sep="\t", index=False)
     (root / "synth.json").write_text(json.dumps({

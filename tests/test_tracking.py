@@ -1,0 +1,87 @@
+"""The MLflow contract (DESIGN 3.7), checked by opening the sqlite store the pipeline wrote."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from cluster.config import load_config
+from cluster.pipeline import run_pipeline
+from cluster.tracking import INPUT_RUN_TAG, PARENT_TAG, Tracker
+from tests.conftest import TINY
+
+ROOT = Path(__file__).parents[1]
+
+
+def runs_by_name(client, experiment="demo"):
+    exp = client.get_experiment_by_name(experiment)
+    return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+
+
+def test_pipeline_records_parent_children_params_and_lineage(tmp_path):
+    work = tmp_path / "work"
+    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + ["synth.seed=11"])
+    result = run_pipeline(cfg, work)
+
+    assert result.tracking_uri == f"sqlite:///{work.resolve() / 'mlflow.db'}"
+    client = MlflowClient(result.tracking_uri)
+    runs = runs_by_name(client)
+    assert set(runs) == {"pipeline", "synth", "timeseries"}
+    parent = runs["pipeline"]
+    assert parent.info.run_id == result.run_id and parent.info.status == "FINISHED"
+    assert PARENT_TAG not in parent.data.tags
+    for child in ("synth", "timeseries"):
+        assert runs[child].data.tags[PARENT_TAG] == parent.info.run_id
+        assert runs[child].info.status == "FINISHED"
+    # flattened config as params, --set overrides included
+    assert parent.data.params["synth.seed"] == "11"
+    assert parent.data.params["corpus.source.cleaning.length"] == "32"
+    assert runs["synth"].data.params["subjects"] == "4"
+    assert runs["timeseries"].data.params["source.cleaning.tr"] == "2.0"
+    # lineage: the timeseries stage names the run that produced its input
+    assert runs["timeseries"].data.tags[INPUT_RUN_TAG] == runs["synth"].info.run_id
+    assert runs["timeseries"].data.metrics["ok"] == 4
+    artifacts = {a.path for a in client.list_artifacts(runs["timeseries"].info.run_id)}
+    assert {"summary.json", "rois.tsv", "config.resolved.yaml"} <= artifacts
+    # the resolved config sits next to every output
+    for folder in (work, work / "source", work / "timeseries"):
+        assert "seed: 11" in (folder / "config.resolved.yaml").read_text()
+
+
+def test_tracking_uri_env_wins(tmp_path, monkeypatch):
+    store = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    tracker = Tracker.for_workdir(tmp_path / "work", "exp")
+    with tracker.run("stage", params={"a": 1}) as run:
+        run.log_metrics({"loss": 0.5}, step=3)
+    assert store.exists() and not (tmp_path / "work" / "mlflow.db").exists()
+    got = MlflowClient(f"sqlite:///{store}").get_run(run.run_id)
+    assert got.data.params == {"a": "1"} and got.data.metrics == {"loss": 0.5}
+
+
+def test_failed_stage_is_marked_failed(tmp_path):
+    tracker = Tracker.for_workdir(tmp_path, "exp")
+    try:
+        with tracker.run("stage") as run:
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert tracker.client.get_run(run.run_id).info.status == "FAILED"
+
+
+def test_only_rank_zero_writes(tmp_path):
+    code = (
+        "import sys; from pathlib import Path; from cluster.tracking import Tracker\n"
+        "t = Tracker.for_workdir(Path(sys.argv[1]), 'exp')\n"
+        "with t.run('stage', params={'a': 1}) as r:\n"
+        "    r.log_metrics({'x': 1.0}); print(r.run_id)\n"
+    )
+    for rank in ("1", "0"):
+        env = {**__import__("os").environ, "RANK": rank}
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip().splitlines()[-1]
+        assert (out == "None") == (rank == "1")
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("exp")
+    assert len(client.search_runs([exp.experiment_id])) == 1
