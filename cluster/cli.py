@@ -7,16 +7,19 @@ input. Set FMRILM_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from cluster.config import PipelineConfig, load_config, to_yaml
 from cluster.progress import progress_bar
 from corpus_builder.errors import InputError
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep "creating tables" chatter off the terminal
 
 app = typer.Typer(
     help="fMRI-LM: language-aligned fMRI foundation models, from raw scans to an instruction-tuned LLM.",
@@ -25,8 +28,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: built-in defaults)")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a config key: a.b=value (repeatable)")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override a config key: a.b=value (repeatable)")]
 
 
 def _fail(message: str) -> None:
@@ -61,8 +64,8 @@ def config_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="root of the synthetic cohort (tables layout)")],
-    subjects: Annotated[Optional[int], typer.Option(help="number of subjects [config synth.subjects: 200]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="random seed [config synth.seed: 0]")] = None,
+    subjects: Annotated[int | None, typer.Option(help="number of subjects [config synth.subjects: 200]")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed [config synth.seed: 0]")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -104,7 +107,7 @@ def corpus_timeseries(
 def pipeline(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    workdir: Annotated[Optional[Path], typer.Option(help="output root [config workdir]")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="output root [config workdir]")] = None,
 ) -> None:
     """Run every stage in order under one MLflow parent run (one child run per stage)."""
     from cluster.pipeline import run_pipeline

@@ -59,9 +59,9 @@ def run_timeseries(cfg: PipelineConfig, specs: list[str], out: Path, tracker: Tr
                    progress=no_progress) -> StageResult:
     """Stage: every scan of the sources -> clean [T, N] series at TR 2.0 s (`corpus_builder.extraction`)."""
     params = {"sources.count": len(specs), **flatten(cfg.corpus.source, "source.")}
+    records = discover_all(specs, cfg.corpus.source)  # bad sources fail before a run is opened
     with tracker.run("timeseries", parent=parent, params=params, input_run_id=input_run_id) as run:
         resolved = save_resolved(cfg, out)
-        records = discover_all(specs, cfg.corpus.source)
         with progress("timeseries: scans", len(records)) as advance:
             summary = extract_all(records, cfg.corpus.source, out, progress=advance)
         run.log_metrics({k: summary[k] for k in ("scans", "ok", "failed", "seconds", "scans_per_s")})

@@ -44,7 +44,6 @@ def resolve_uri(workdir: Path, uri: str | None = None) -> str:
         return uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    workdir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
 
 
@@ -92,17 +91,33 @@ class Tracker:
     """Opens runs in one experiment of one tracking store."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+        # Nothing touches the store until the first run opens (a command that fails on bad input leaves
+        # no database behind), and ranks other than 0 never touch it.
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = None
-        if not is_rank_zero():  # other ranks never touch the store
-            return
-        found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            self.experiment_id = found.experiment_id
-        else:
-            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        self.experiment = experiment
+        self.artifact_root = artifact_root
+        self._client: MlflowClient | None = None
+        self._experiment_id: str | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is not None:
+                self._experiment_id = found.experiment_id
+            else:
+                root = self.artifact_root
+                if root is not None:
+                    root.mkdir(parents=True, exist_ok=True)
+                location = root.resolve().as_uri() if root is not None else None
+                self._experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
+        return self._experiment_id
 
     @classmethod
     def for_workdir(cls, workdir: Path, experiment: str, uri: str | None = None) -> Tracker:
@@ -122,6 +137,8 @@ class Tracker:
             all_tags[PARENT_TAG] = parent.run_id
         if input_run_id:
             all_tags[INPUT_RUN_TAG] = input_run_id
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         info = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info
         run = StageRun(self.client, info.run_id)
         if params:

@@ -49,14 +49,11 @@ def failure_reason(error: str) -> str:
 
 
 def discover_all(specs: list[str], cfg: SourceConfig) -> list[ScanRecord]:
-    roots = [sources.parse_source(s)[1] for s in specs]
-    for root in roots:
-        if not root.exists():
-            raise InputError(f"{root}: source does not exist")
-    pseudonymize = pseudonymizer_for(roots)
+    kinds = [sources.resolve(spec) for spec in specs]  # bad roots fail before anything is read
+    pseudonymize = pseudonymizer_for([root for _, root in kinds])
     records: list[ScanRecord] = []
-    for spec in specs:
-        records += sources.discover(spec, cfg, pseudonymize)
+    for kind, root in kinds:
+        records += sources.discover(f"{kind}:{root}", cfg, pseudonymize)
     seen: set[str] = set()
     for rec in records:
         if rec.key in seen and not rec.error:

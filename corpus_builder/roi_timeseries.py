@@ -91,8 +91,11 @@ def _fit_length(x: np.ndarray, cfg: CleaningConfig, qc: dict) -> np.ndarray:
     return np.vstack([x, np.zeros((target - n, x.shape[1]), x.dtype)])
 
 
-def clean_scan(raw: RawScan, cfg: CleaningConfig, n_rois: int | None = None) -> tuple[np.ndarray, list[str], dict]:
+def clean_scan(raw: RawScan, cfg: CleaningConfig, n_rois: int | None = None,
+               networks: dict[str, str] | None = None) -> tuple[np.ndarray, list[str], dict]:
     """Clean one scan. Returns (X [T, N] float32 in atlas order, labels in that order, QC values).
+
+    `networks` (label -> network) orders atlases whose label names do not say which ROIs are subcortical.
 
     Raises ScanError with a one-line reason (without the file name; the caller adds it).
     """
@@ -150,5 +153,5 @@ def clean_scan(raw: RawScan, cfg: CleaningConfig, n_rois: int | None = None) -> 
         real = x[: cfg.length - qc.get("padded_volumes", 0)]
         std = real.std(0)
         real[:] = np.divide(real - real.mean(0), std, out=np.zeros_like(real), where=std > 1e-12)
-    order = atlas_order(list(raw.labels))
+    order = atlas_order(list(raw.labels), networks)
     return x[:, order].astype(np.float32), [raw.labels[i] for i in order], qc
