@@ -89,6 +89,15 @@ class SourceConfig(StrictModel):
     ukb: UKBConfig = UKBConfig()
 
 
+class DescriptorConfig(StrictModel):
+    """The 23 descriptors (DESIGN 3.4)."""
+
+    graph_density: float = Field(0.1, gt=0, le=1, description="fraction of strongest positive edges kept")
+    gradient_components: int = Field(10, ge=2, description="diffusion-map components (alignment and explained var)")
+    falff_band: tuple[float, float] = Field((0.01, 0.08), description="low-frequency band of fALFF, Hz")
+    ica_components: int = Field(20, ge=7, description="group-ICA components before picking one per network")
+
+
 class CorpusConfig(StrictModel):
     """Sources of the corpus build and how their scans become ROI series."""
 
