@@ -66,6 +66,8 @@ def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="root of the synthetic cohort (tables layout)")],
     subjects: Annotated[int | None, typer.Option(help="number of subjects [config synth.subjects: 200]")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed [config synth.seed: 0]")] = None,
+    format: Annotated[str | None, typer.Option(
+        "--format", help="tables (450-ROI series) or nifti (4D images + atlas) [config synth.format: tables]")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -74,6 +76,7 @@ def synth(
 
     extra = [f"synth.subjects={subjects}"] if subjects is not None else []
     extra += [f"synth.seed={seed}"] if seed is not None else []
+    extra += [f"synth.format={format}"] if format is not None else []
     cfg = _load(config, set_, extra)
     result = _guard(run_synth, cfg, out, tracker_for(cfg, out), progress=progress_bar)
     typer.echo(f"synthetic cohort: {result.out}  (MLflow run {result.run_id})")

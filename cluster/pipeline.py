@@ -16,6 +16,7 @@ from cluster.progress import no_progress
 from cluster.tracking import StageRun, Tracker
 from corpus_builder.extraction import discover_all, extract_all
 from corpus_builder.synth import synthesize
+from corpus_builder.synth_nifti import atlas_config, write_nifti_cohort
 
 
 @dataclass
@@ -43,8 +44,9 @@ def run_synth(cfg: PipelineConfig, out: Path, tracker: Tracker, parent: StageRun
     """Stage: write a synthetic cohort (tables layout) into `out`."""
     with tracker.run("synth", parent=parent, params=flatten(cfg.synth)) as run:
         resolved = save_resolved(cfg, out)
+        write = write_nifti_cohort if cfg.synth.format == "nifti" else synthesize
         with progress("synth: scans", cfg.synth.subjects * cfg.synth.sessions) as advance:
-            participants = synthesize(cfg.synth, out, progress=advance)
+            participants = write(cfg.synth, out, progress=advance)
         counts = participants["dataset"].value_counts().to_dict()
         run.log_metrics({"subjects": len(participants), "scans": len(participants) * cfg.synth.sessions,
                          **{f"subjects.{k}": v for k, v in counts.items()}})
@@ -84,6 +86,9 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_p
             synth = run_synth(cfg, workdir / "source", tracker, parent, progress)
             result.stages.append(synth)
             specs, input_run = [str(synth.out)], synth.run_id
+            if cfg.synth.format == "nifti":  # the synthetic cohort brings its own atlas
+                cfg = cfg.model_copy(deep=True)
+                cfg.corpus.source.atlas = atlas_config(synth.out)
         result.stages.append(run_timeseries(cfg, specs, workdir / "timeseries", tracker, parent, input_run,
                                             progress))
         summary = {s.name: {"out": str(s.out), "run_id": s.run_id} for s in result.stages}

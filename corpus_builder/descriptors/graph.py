@@ -55,7 +55,8 @@ def weighted_clustering(w: np.ndarray) -> np.ndarray:
 def louvain_modularity(w: np.ndarray, seed: int = 0) -> float:
     iu = np.triu_indices_from(w, 1)
     m = w[iu] > 0
-    g = igraph.Graph(n=len(w), edges=np.column_stack([iu[0][m], iu[1][m]]), edge_attrs={"weight": w[iu][m]})
+    edges = np.column_stack([iu[0][m], iu[1][m]]).tolist()  # igraph converts lists ~20x faster than arrays
+    g = igraph.Graph(n=len(w), edges=edges, edge_attrs={"weight": w[iu][m].tolist()})
     igraph.set_random_number_generator(random.Random(seed))  # Louvain's node order: seeded, so rebuilds match
     return float(g.community_multilevel(weights="weight").modularity)
 

@@ -18,9 +18,10 @@ from corpus_builder.errors import InputError
 from corpus_builder.privacy import Pseudonymizer
 from corpus_builder.records import RawScan, ScanError, ScanRecord
 from corpus_builder.roi_timeseries import clean_scan
-from corpus_builder.sources import tables
+from corpus_builder.sources import abcd_cifti, abcd_nifti, fmriprep, reference_h5, tables, ukb_csv, ukb_nifti
 
-SOURCES = {"tables": tables}
+SOURCES = {"reference_h5": reference_h5, "ukb_csv": ukb_csv, "abcd_cifti": abcd_cifti,
+           "fmriprep": fmriprep, "abcd_nifti": abcd_nifti, "ukb_nifti": ukb_nifti, "tables": tables}
 
 
 def register(name: str, module) -> None:
@@ -47,9 +48,16 @@ def detect(root: Path) -> str:
     raise InputError(f"{root}: no known source layout found (kinds: {', '.join(SOURCES)})")
 
 
-def discover(spec: str, cfg: SourceConfig, pseudonymize: Pseudonymizer) -> list[ScanRecord]:
+def resolve(spec: str) -> tuple[str, Path]:
+    """(kind, root) of a source spec; raises InputError for a missing root or an unknown layout."""
     kind, root = parse_source(spec)
-    kind = kind or detect(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: source does not exist" if not root.exists() else f"{root}: not a directory")
+    return kind or detect(root), root
+
+
+def discover(spec: str, cfg: SourceConfig, pseudonymize: Pseudonymizer) -> list[ScanRecord]:
+    kind, root = resolve(spec)
     records = SOURCES[kind].discover(root, cfg, pseudonymize)
     if not records:
         raise InputError(f"{root}: no scans found for source kind {kind!r}")

@@ -5,6 +5,9 @@
         ext: tsv, tsv.gz, csv, csv.gz (header = ROI labels) or npy (T x N; labels from
         ROOT/atlas-<atlas>_dseg.tsv with `index` and `name` columns)
     .json sidecar with RepetitionTime (seconds); optional ..._desc-confounds_timeseries.tsv beside it.
+    ROOT/atlas-<atlas>_networks.tsv (optional; `label`, `network`): the ROI networks of an atlas whose names
+        say nothing (AAL2). Discovery puts its path in `record.extra["networks"]`; `load` returns the columns
+        in atlas order by it (subcortical first), or by `atlas.lookup` when the config names one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from corpus_builder.atlas import atlas_order, read_networks
 from corpus_builder.config import SourceConfig
 from corpus_builder.errors import InputError
 from corpus_builder.records import RawScan, ScanError, ScanRecord
@@ -82,6 +86,9 @@ def discover(root: Path, cfg: SourceConfig, pseudonymize) -> list[ScanRecord]:
         record = ScanRecord(dataset=dataset, subject=pseudonymize(dataset, subject), session=ent.get("ses", "1"),
                             run=ent.get("run", "1"), source_path=str(path), loader="tables",
                             extra={"atlas": ent.get("atlas")})
+        networks = root / f"atlas-{ent.get('atlas')}_networks.tsv"
+        if "atlas" in ent and networks.is_file():
+            record.extra["networks"] = str(networks)
         if row is None:
             records.append(record.fail(f"no row for sub-{subject} in participants.tsv"))
             continue
@@ -121,6 +128,10 @@ def load(record: ScanRecord, cfg: SourceConfig) -> RawScan:
         data, labels = frame.to_numpy(dtype=np.float64), [str(c) for c in frame.columns]
     if data.ndim != 2 or data.shape[1] != len(labels):
         raise ScanError(f"{data.shape[-1] if data.ndim else 0} columns but {len(labels)} ROI labels")
+    lookup = cfg.atlas.lookup or record.extra.get("networks")
+    if lookup is not None:  # atlas order by the networks table; clean_scan's name-based order then keeps it
+        order = atlas_order(labels, read_networks(Path(lookup)))
+        data, labels = data[:, order], [labels[i] for i in order]
     confounds = None
     if "confounds" in record.extra:
         confounds = pd.read_csv(record.extra["confounds"], sep="\t", na_values=["n/a"])
