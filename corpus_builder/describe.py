@@ -44,6 +44,10 @@ def load_extracted(ts_dir: Path) -> tuple[pd.DataFrame, zarr.Array, pd.DataFrame
     return ok, ts, pd.read_csv(ts_dir / "rois.tsv", sep="\t")
 
 
+def count_ok_scans(ts_dir: Path) -> int:
+    return len(load_extracted(ts_dir)[0])
+
+
 def reference_cohort(scans: pd.DataFrame, dataset: str | None) -> pd.DataFrame:
     ref = scans[scans["split"] == "train"]
     if dataset is not None:

@@ -81,6 +81,7 @@ def extract_all(records: list[ScanRecord], cfg: SourceConfig, out: Path, progres
                             chunks=(1, cfg.cleaning.length, cfg.atlas.n_rois), dtype="float32")
     keys: list[str] = []
     labels: list[str] | None = None
+    lookup = cfg.atlas.lookup  # else a networks table the source found beside the data (e.g. AAL2)
     rows = []
     for rec in records:
         x, rec_labels = sources.extract(rec, cfg)
@@ -88,6 +89,7 @@ def extract_all(records: list[ScanRecord], cfg: SourceConfig, out: Path, progres
         if x is not None:
             if labels is None:
                 labels = rec_labels
+                lookup = lookup or rec.extra.get("networks")
             if rec_labels != labels:
                 rec.fail("ROI labels differ from the corpus atlas (first scan's labels)")
             else:
@@ -103,7 +105,7 @@ def extract_all(records: list[ScanRecord], cfg: SourceConfig, out: Path, progres
     ts.resize((len(keys), cfg.cleaning.length, cfg.atlas.n_rois))
     group.create_array("keys", shape=(len(keys),), dtype=str)[:] = np.array(keys)
     pd.DataFrame(rows).to_parquet(out / "scans.parquet", index=False)
-    roi_table(labels, cfg.atlas.lookup).to_csv(out / "rois.tsv", sep="\t", index=False)
+    roi_table(labels, lookup).to_csv(out / "rois.tsv", sep="\t", index=False)
     seconds = time.perf_counter() - start
     failed = [r for r in records if r.error]
     summary = {"scans": len(records), "ok": len(keys), "failed": len(failed),

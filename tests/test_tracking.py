@@ -27,11 +27,11 @@ def test_pipeline_records_parent_children_params_and_lineage(tmp_path):
     assert result.tracking_uri == f"sqlite:///{work.resolve() / 'mlflow.db'}"
     client = MlflowClient(result.tracking_uri)
     runs = runs_by_name(client)
-    assert set(runs) == {"pipeline", "synth", "timeseries"}
+    assert set(runs) == {"pipeline", "synth", "timeseries", "describe"}
     parent = runs["pipeline"]
     assert parent.info.run_id == result.run_id and parent.info.status == "FINISHED"
     assert PARENT_TAG not in parent.data.tags
-    for child in ("synth", "timeseries"):
+    for child in ("synth", "timeseries", "describe"):
         assert runs[child].data.tags[PARENT_TAG] == parent.info.run_id
         assert runs[child].info.status == "FINISHED"
     # flattened config as params, --set overrides included
@@ -41,11 +41,13 @@ def test_pipeline_records_parent_children_params_and_lineage(tmp_path):
     assert runs["timeseries"].data.params["source.cleaning.tr"] == "2.0"
     # lineage: the timeseries stage names the run that produced its input
     assert runs["timeseries"].data.tags[INPUT_RUN_TAG] == runs["synth"].info.run_id
+    assert runs["describe"].data.tags[INPUT_RUN_TAG] == runs["timeseries"].info.run_id
+    assert {"norms.json", "reference.npz"} <= {a.path for a in client.list_artifacts(runs["describe"].info.run_id)}
     assert runs["timeseries"].data.metrics["ok"] == 4
     artifacts = {a.path for a in client.list_artifacts(runs["timeseries"].info.run_id)}
     assert {"summary.json", "rois.tsv", "config.resolved.yaml"} <= artifacts
     # the resolved config sits next to every output
-    for folder in (work, work / "source", work / "timeseries"):
+    for folder in (work, work / "source", work / "timeseries", work / "corpus"):
         assert "seed: 11" in (folder / "config.resolved.yaml").read_text()
 
 
