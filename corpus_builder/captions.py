@@ -146,21 +146,21 @@ def _network_sentence(measure: str, items: list[Item], rng: random.Random) -> st
     """One sentence on a per-network measure, networks grouped by bin; three phrasings."""
     groups = _groups(items)
 
-    def t1(i: int, status: str, labels: list[str]) -> str:
+    def t1(status: str, labels: list[str]) -> str:
         if status == UNAVAILABLE:
             return f"unavailable for {_nets(labels)}"
         if status == "typical":
             return f"typical in {_nets(labels)}"
         return f"{status} than in the reference cohort in {_nets(labels)}"
 
-    def t2(i: int, status: str, labels: list[str]) -> str:
+    def t2(status: str, labels: list[str]) -> str:
         if status == UNAVAILABLE:
             return f"unavailable for {_nets(labels)}"
         if status == "typical":
             return f"within the typical range in {_nets(labels)}"
         return f"{status} in {_nets(labels)}"
 
-    def t3(i: int, status: str, labels: list[str]) -> str:
+    def t3(status: str, labels: list[str]) -> str:
         if status == UNAVAILABLE:
             return f"{measure} was unavailable for {_nets(labels)}"
         if status == "typical":
@@ -169,11 +169,11 @@ def _network_sentence(measure: str, items: list[Item], rng: random.Random) -> st
 
     pick = rng.randrange(3)
     if pick == 0:
-        return _cap(measure) + " was " + "; ".join(t1(i, s, ls) for i, (s, ls) in enumerate(groups)) + "."
+        return _cap(measure) + " was " + "; ".join(t1(s, ls) for s, ls in groups) + "."
     if pick == 1:
         return (f"Relative to the reference cohort, {measure} was "
-                + "; ".join(t2(i, s, ls) for i, (s, ls) in enumerate(groups)) + ".")
-    return _cap("; ".join(t3(i, s, ls) for i, (s, ls) in enumerate(groups))) + "."
+                + "; ".join(t2(s, ls) for s, ls in groups) + ".")
+    return _cap("; ".join(t3(s, ls) for s, ls in groups)) + "."
 
 
 def _scalar_sentence(intro: str, items: list[Item], rng: random.Random) -> str:
@@ -235,6 +235,27 @@ def _pair_sentence(pair_z: dict[str, float], cfg: CaptionConfig, rng: random.Ran
     return f"{first}." if most == least else f"{first}; {second}."
 
 
+def _extremes_sentence(z: dict[str, float], missing: dict[str, str], rng: random.Random) -> str:
+    """Which network's within-network connectivity stands out most and least relative to the norms.
+
+    Bins alone lose relative information: a global shift (age, site) can put every network in the same bin
+    while the *ordering* of networks still carries phenotype signal (the reference captions likewise name
+    extremes).
+    """
+    finite = {n: float(z[n]) for n in FC_WITHIN if n in z and n not in missing and _finite(z[n])}
+    pick = rng.randrange(3)
+    if len(finite) < 2:
+        return ""
+    top = NETWORK_NAMES[max(finite, key=lambda n: (finite[n], n)).removeprefix("fc_within_")]
+    bottom = NETWORK_NAMES[min(finite, key=lambda n: (finite[n], n)).removeprefix("fc_within_")]
+    return (f"Relative to the norms, within-network connectivity stood out most in the {top} network and least "
+            f"in the {bottom} network.",
+            f"The {top} network had the relatively strongest within-network connectivity and the {bottom} network "
+            "the relatively weakest.",
+            f"Of all networks, the {top} network ranked highest against the norms for within-network connectivity, "
+            f"the {bottom} network lowest.")[pick]
+
+
 # ---------------------------------------------------------------------------------------------------- captions
 
 def caption_for(z: dict[str, float], pair_z: dict[str, float], missing: dict[str, str], cfg: CaptionConfig,
@@ -264,6 +285,7 @@ def caption_for(z: dict[str, float], pair_z: dict[str, float], missing: dict[str
 
     sentences = [  # evaluated in order: each draws its phrasing from rng in turn
         _network_sentence("within-network connectivity", network_items(FC_WITHIN, "fc_within_"), rng),
+        _extremes_sentence(z, missing, rng),
         _scalar_sentence("Compared with the reference cohort, ", scalar_items(["fc_subcortical_cortical"]), rng),
         _pair_sentence(pair_z, cfg, rng),
         _scalar_sentence("Along the connectivity gradients, relative to the norms, ", scalar_items(DOMAINS["FG"]), rng),
@@ -271,7 +293,7 @@ def caption_for(z: dict[str, float], pair_z: dict[str, float], missing: dict[str
                          scalar_items(DOMAINS["graph"]), rng),
         _network_sentence("network fALFF", network_items(FALFF, "falff_"), rng),
     ]
-    return " ".join(sentences)
+    return " ".join(s for s in sentences if s)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -322,14 +344,37 @@ def caption_sentences(text: str) -> list[str]:
 
 
 def caption_claims(text: str) -> set[tuple[str, str]]:
-    """The qualitative claims of a caption: (descriptor name, bin or 'unavailable') and
-    ('most_coupled_pair' / 'least_coupled_pair', pair name). Unresolvable mentions give '?' claims."""
+    """The qualitative claims of a caption: (descriptor name, bin or 'unavailable'),
+    ('most_coupled_pair' / 'least_coupled_pair', pair name) and ('within_network_most' / '_least', network).
+    Unresolvable mentions give '?' claims."""
     return set(_claim_counts(text))
+
+
+_EXTREMES_FORMS = (  # the three phrasings of `_extremes_sentence`, read back as (top, bottom) network names
+    re.compile(r"stood out most in the (?P<top>[\w/ ]+?) network and least in the (?P<bottom>[\w/ ]+?) network"),
+    re.compile(r"The (?P<top>[\w/ ]+?) network had the relatively strongest within-network connectivity and "
+               r"the (?P<bottom>[\w/ ]+?) network the relatively weakest"),
+    re.compile(r"the (?P<top>[\w/ ]+?) network ranked highest against the norms for within-network connectivity, "
+               r"the (?P<bottom>[\w/ ]+?) network lowest"),
+)
+
+
+def _extremes_claims(sentence: str) -> list[tuple[str, str]] | None:
+    for form in _EXTREMES_FORMS:
+        m = form.search(sentence)
+        if m:
+            return [("within_network_most", _canon(m.group("top"), NETWORK_ALIASES) or "?"),
+                    ("within_network_least", _canon(m.group("bottom"), NETWORK_ALIASES) or "?")]
+    return None
 
 
 def _claim_counts(text: str) -> Counter:
     claims: Counter = Counter()
     for sentence in caption_sentences(text):
+        extremes = _extremes_claims(sentence)
+        if extremes is not None:
+            claims.update(extremes)
+            continue
         fc = re.search(r"\bwithin[\s\-]+network\b", sentence, re.IGNORECASE) is not None
         falff = re.search(r"\bfalff\b|\blow[\s\-]+frequency\b", sentence, re.IGNORECASE) is not None
         for clause in re.split(r";", sentence):

@@ -141,6 +141,15 @@ class InstructionConfig(StrictModel):
     seed_offset: int = Field(1, description="added to the scan seed, so questions vary apart from captions")
 
 
+class BuildConfig(StrictModel):
+    """How `fmrilm corpus build` runs: Ray tasks that each own whole shards."""
+
+    shard_size: int = Field(64, ge=1, description="scans per tar shard and per zarr shard")
+    workers: int | None = Field(None, ge=1, description="CPUs for a local Ray (None = all); ignored on a cluster")
+    cpus_per_task: float = Field(1.0, gt=0, description="Ray resources of one shard task")
+    task_retries: int = Field(2, ge=0, description="retries of a failed shard task (a lost worker, OOM)")
+
+
 class CorpusConfig(StrictModel):
     """Sources of the corpus build, how their scans become ROI series, descriptors and captions."""
 
@@ -151,3 +160,4 @@ class CorpusConfig(StrictModel):
     descriptors: DescriptorConfig = DescriptorConfig()
     captions: CaptionConfig = CaptionConfig()
     instructions: InstructionConfig = InstructionConfig()
+    build: BuildConfig = BuildConfig()

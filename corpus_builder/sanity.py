@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import webdataset as wds
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -22,12 +23,20 @@ from sklearn.preprocessing import StandardScaler
 from corpus_builder.descriptors import DESCRIPTOR_NAMES
 
 
-def load_labelled(corpus_dir: Path, ts_dir: Path, attribute: str) -> pd.DataFrame:
-    desc = pd.read_parquet(corpus_dir / "descriptors.parquet")
-    scans = pd.read_parquet(ts_dir / "scans.parquet")[["key", attribute]]
-    captions = pd.read_json(corpus_dir / "captions.jsonl", lines=True)[["key", "caption"]]
-    table = desc.merge(scans, on="key").merge(captions, on="key")
-    return table[table[attribute].notna()]
+def load_labelled(corpus: Path, attribute: str) -> pd.DataFrame:
+    """One row per ok scan of a built corpus with a known `attribute`: split, z-values, caption."""
+    manifest = pd.read_parquet(corpus / "manifest.parquet")
+    manifest = manifest[(manifest["status"] == "ok") & manifest[attribute].notna()].set_index("key")
+    rows = []
+    for tar in sorted((corpus / "shards").glob("*.tar")):
+        for sample in wds.WebDataset(str(tar), shardshuffle=False):
+            key = sample["__key__"]
+            if key in manifest.index:
+                desc = json.loads(sample["desc.json"])["descriptors"]
+                rows.append({"key": key, "caption": sample["caption.txt"].decode(),
+                             **{f"z_{n}": desc[n]["z"] for n in DESCRIPTOR_NAMES}})
+    table = pd.DataFrame(rows).set_index("key")
+    return table.join(manifest[["split", attribute]]).reset_index()
 
 
 def minilm_embed(texts: list[str]) -> np.ndarray:
@@ -48,8 +57,8 @@ def minilm_embed(texts: list[str]) -> np.ndarray:
     return np.concatenate(out)
 
 
-def sanity_check(corpus_dir: Path, ts_dir: Path, attribute: str = "sex", text: str = "tfidf") -> dict:
-    table = load_labelled(Path(corpus_dir), Path(ts_dir), attribute)
+def sanity_check(corpus: Path, attribute: str = "sex", text: str = "tfidf") -> dict:
+    table = load_labelled(Path(corpus), attribute)
     train = table["split"] == "train"
     test = ~train
     y = table[attribute].astype(str).to_numpy()
@@ -70,11 +79,10 @@ def sanity_check(corpus_dir: Path, ts_dir: Path, attribute: str = "sex", text: s
             "majority_baseline": float(majority)}
 
 
-def main() -> None:  # pragma: no cover - `python -m corpus_builder.sanity CORPUS TIMESERIES [tfidf|minilm]`
+def main() -> None:  # pragma: no cover - `python -m corpus_builder.sanity CORPUS [tfidf|minilm]`
     import sys
 
-    print(json.dumps(sanity_check(Path(sys.argv[1]), Path(sys.argv[2]), text=(sys.argv[3:] or ["tfidf"])[0]),
-                     indent=2))
+    print(json.dumps(sanity_check(Path(sys.argv[1]), text=(sys.argv[2:] or ["tfidf"])[0]), indent=2))
 
 
 if __name__ == "__main__":  # pragma: no cover
