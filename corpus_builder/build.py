@@ -1,0 +1,343 @@
+"""`fmrilm corpus build`: sources -> a sharded corpus (DESIGN 3.3), as Ray tasks that each own whole shards.
+
+Plan. Discovery and subject-level splits happen on the driver. Scans are ordered by (split, key) and cut
+into shards of `shard_size` scans; shard i of the corpus owns zarr rows [i * shard_size, (i + 1) * shard_size)
+and tar `shards/{split}-{i:06d}.tar`, so no two tasks ever write the same zarr shard or tar.
+
+Three passes, each a Ray task per shard, so every scan is extracted once and described once:
+1. extract: raw scan -> clean X[T, N] into zarr `ts` (failures recorded in a per-shard part file);
+2. describe: X -> the 23 descriptors and 28 pair values into zarr, once the driver has fitted the
+   reference (group ICA, gradient template) on up to `reference.max_fit_scans` train scans of the
+   reference dataset;
+3. write: after the driver fitted the norms on the reference cohort's descriptors: z-values, caption,
+   instruction items -> the webdataset tar, the shard's manifest part, then `{shard}_stats.json` last.
+
+Resume: each pass leaves a marker per shard; a re-run skips what is marked and redoes the rest (a killed
+task leaves no marker). The same inputs and config give byte-identical tars (fixed mtime, sorted JSON,
+seeded captions, seeded Louvain / ICA). A corpus built with another config is refused unless
+`overwrite`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+import webdataset as wds
+import zarr
+
+from corpus_builder import sources
+from corpus_builder.atlas import roi_table
+from corpus_builder.captions import caption_for
+from corpus_builder.config import CorpusConfig
+from corpus_builder.descriptors import DESCRIPTOR_NAMES, PAIR_NAMES, Descriptors, compute_descriptors
+from corpus_builder.errors import InputError
+from corpus_builder.extraction import discover_all, failure_reason
+from corpus_builder.instructions import instruction_items
+from corpus_builder.norms import Norms, fit_reference, load_reference, save_reference
+from corpus_builder.polish import CaptionPolisher
+from corpus_builder.records import PHENOTYPES, ScanRecord
+from corpus_builder.splits import SPLITS, assign_splits
+
+TAR_MTIME = 0.0  # fixed tar member times: rebuilds are byte-identical
+
+
+@dataclass
+class Shard:
+    name: str                      # e.g. "train-000003"
+    split: str
+    row0: int                      # first zarr row it owns
+    records: list[ScanRecord] = field(default_factory=list)
+
+
+def config_fingerprint(cfg: CorpusConfig, specs: list[str]) -> str:
+    """What the corpus content depends on (not how many workers built it)."""
+    content = cfg.model_dump(mode="json", exclude={"build": {"workers", "cpus_per_task", "task_retries"}})
+    blob = json.dumps({"config": content, "sources": specs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def plan_shards(records: list[ScanRecord], splits: dict[str, str], shard_size: int) -> list[Shard]:
+    shards: list[Shard] = []
+    for split in SPLITS:
+        members = sorted((r for r in records if splits[r.key] == split), key=lambda r: r.key)
+        for i in range(0, len(members), shard_size):
+            index = len([s for s in shards if s.split == split])
+            shards.append(Shard(f"{split}-{index:06d}", split, len(shards) * shard_size, members[i:i + shard_size]))
+    return shards
+
+
+def _marker(out: Path, shard: Shard, phase: str) -> Path:
+    return out / "shards" / (f"{shard.name}_stats.json" if phase == "write" else f".{shard.name}.{phase}")
+
+
+def _scan_seed(seed: int, key: str) -> int:
+    """Per-scan seed from the key alone: a caption does not change when other scans change."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") ^ seed
+
+
+# ---- the three per-shard passes (Ray tasks) ------------------------------------------------------------
+
+def extract_shard(shard: Shard, cfg: CorpusConfig, out: Path) -> dict:
+    marker = _marker(out, shard, "extract")
+    if marker.exists():
+        return json.loads(marker.read_text())
+    ts = zarr.open_group(out / "timeseries.zarr", mode="r+")["ts"]
+    block = np.zeros((len(shard.records), cfg.source.cleaning.length, cfg.source.atlas.n_rois), np.float32)
+    failures, labels, networks = {}, None, None
+    for i, rec in enumerate(shard.records):
+        x, rec_labels = sources.extract(rec, cfg.source)
+        if x is not None:
+            block[i] = x
+            labels = labels or rec_labels
+            networks = networks or rec.extra.get("networks")
+        failures[rec.key] = {"error": rec.error, "qc": rec.qc}
+    ts[shard.row0:shard.row0 + len(block)] = block
+    result = {"scans": failures, "labels": labels, "networks": networks}
+    marker.write_text(json.dumps(result, sort_keys=True))
+    return result
+
+
+def describe_shard(shard: Shard, ok_rows: list[int], cfg: CorpusConfig, out: Path) -> None:
+    marker = _marker(out, shard, "describe")
+    if marker.exists():
+        return
+    group = zarr.open_group(out / "timeseries.zarr", mode="r+")
+    reference = load_reference(out / "reference.npz", cfg.descriptors)
+    n = len(shard.records)
+    desc = np.full((n, len(DESCRIPTOR_NAMES)), np.nan, np.float32)
+    pairs = np.full((n, len(PAIR_NAMES)), np.nan, np.float32)
+    missing = {}
+    for row in ok_rows:
+        d = compute_descriptors(group["ts"][row], reference, cfg.source.cleaning.tr)
+        desc[row - shard.row0] = d.vector()
+        pairs[row - shard.row0] = [d.fc_pairs[p] for p in PAIR_NAMES]
+        missing[shard.records[row - shard.row0].key] = d.missing
+    group["descriptors"][shard.row0:shard.row0 + n] = desc
+    group["fc_pairs"][shard.row0:shard.row0 + n] = pairs
+    marker.write_text(json.dumps(missing, sort_keys=True))
+
+
+def write_shard(shard: Shard, split_of: dict[str, str], extracted: dict, cfg: CorpusConfig, out: Path,
+                seed: int) -> dict:
+    marker = _marker(out, shard, "write")
+    if marker.exists():
+        return json.loads(marker.read_text())
+    start = time.perf_counter()
+    group = zarr.open_group(out / "timeseries.zarr", mode="r")
+    norms = Norms.load(out / "norms.json")
+    missing_all = json.loads(_marker(out, shard, "describe").read_text())
+    n = len(shard.records)
+    ts = group["ts"][shard.row0:shard.row0 + n]
+    desc = group["descriptors"][shard.row0:shard.row0 + n]
+    pairs = group["fc_pairs"][shard.row0:shard.row0 + n]
+    rows, failures = [], Counter()
+    polisher = CaptionPolisher.from_config(cfg.captions, out / "caption_cache") if cfg.captions.polish else None
+    part = out / "shards" / f"{shard.name}.tar.part"
+    with wds.TarWriter(str(part), mtime=TAR_MTIME) as tar:
+        for i, rec in enumerate(shard.records):
+            info = extracted[rec.key]
+            row = {"key": rec.key, "dataset": rec.dataset, "subject": rec.subject, "session": rec.session,
+                   "run": rec.run, "site": rec.site, "split": split_of[rec.key], "status": "ok",
+                   "error": None, "source": rec.loader, "shard": shard.name, "index": shard.row0 + i}
+            row.update({p: rec.phenotypes.get(p) for p in PHENOTYPES})
+            if info["error"]:
+                row.update(status="failed", error=info["error"], index=-1)
+                failures[failure_reason(info["error"])] += 1
+                rows.append(row)
+                continue
+            d = Descriptors(dict(zip(DESCRIPTOR_NAMES, desc[i].astype(float).tolist())),
+                            dict(zip(PAIR_NAMES, pairs[i].astype(float).tolist())), missing_all[rec.key])
+            z, pair_z = norms.z(d)
+            scan_seed = _scan_seed(seed, rec.key)
+            caption = caption_for(z, pair_z, d.missing, cfg.captions, scan_seed, d.values)
+            if polisher is not None:  # keeps the raw caption when the rewrite loses a claim
+                caption, _ = polisher.polish(caption)
+            qa = instruction_items(rec.phenotypes, caption, scan_seed, cfg.instructions)
+            meta = {"dataset": rec.dataset, "site": rec.site, "split": split_of[rec.key], "session": rec.session,
+                    "run": rec.run, "phenotypes": rec.phenotypes, "qc": info["qc"]}
+            buf = io.BytesIO()
+            np.save(buf, ts[i], allow_pickle=False)
+            tar.write({
+                "__key__": rec.key,
+                "ts.npy": buf.getvalue(),
+                "desc.json": _json({"descriptors": {k: {"value": d.values[k], "z": z[k]} for k in DESCRIPTOR_NAMES},
+                                    "fc_pairs": {k: {"value": d.fc_pairs[k], "z": pair_z[k]} for k in PAIR_NAMES},
+                                    "missing": d.missing}),
+                "caption.txt": caption.encode(),
+                "qa.json": _json(qa),
+                "meta.json": _json(meta),
+            })
+            rows.append(row)
+    os.replace(part, out / "shards" / f"{shard.name}.tar")
+    pd.DataFrame(rows).to_parquet(out / "shards" / f"{shard.name}_manifest.parquet", index=False)
+    stats = {"shard": shard.name, "split": shard.split, "scans": n, "ok": n - sum(failures.values()),
+             "failed": sum(failures.values()), "failed_by_reason": dict(sorted(failures.items())),
+             "write_seconds": round(time.perf_counter() - start, 3)}
+    marker.write_text(json.dumps(stats, sort_keys=True, indent=1))  # last: the completion marker
+    return stats
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, allow_nan=True, default=_plain).encode()
+
+
+def _plain(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(type(x).__name__)
+
+
+# ---- the driver ---------------------------------------------------------------------------------------
+
+def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> None:
+    build_file = out / "build.json"
+    if build_file.exists():
+        previous = json.loads(build_file.read_text()).get("fingerprint")
+        if previous != fingerprint:
+            if not overwrite:
+                raise InputError(f"{out}: holds a corpus built with another config or sources "
+                                 "(use --overwrite to replace it)")
+            shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"{out}: exists and is not a corpus (use --overwrite to replace it)")
+        shutil.rmtree(out)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+
+
+def _create_arrays(out: Path, n_rows: int, shard_size: int, cfg: CorpusConfig, keys: list[str]) -> None:
+    path = out / "timeseries.zarr"
+    if (path / "zarr.json").exists():
+        return  # resuming: arrays exist and hold finished shards
+    t, n = cfg.source.cleaning.length, cfg.source.atlas.n_rois
+    group = zarr.open_group(path, mode="w")
+    group.create_array("ts", shape=(n_rows, t, n), chunks=(1, t, n), shards=(shard_size, t, n), dtype="float32",
+                       fill_value=0.0)
+    group.create_array("descriptors", shape=(n_rows, len(DESCRIPTOR_NAMES)), chunks=(shard_size, len(DESCRIPTOR_NAMES)),
+                       dtype="float32", fill_value=np.nan, attributes={"names": list(DESCRIPTOR_NAMES)})
+    group.create_array("fc_pairs", shape=(n_rows, len(PAIR_NAMES)), chunks=(shard_size, len(PAIR_NAMES)),
+                       dtype="float32", fill_value=np.nan, attributes={"names": list(PAIR_NAMES)})
+    group.create_array("keys", shape=(n_rows,), chunks=(n_rows,), dtype=str)[:] = np.array(keys)
+
+
+def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, overwrite: bool = False,
+                 progress=None, ray_address: str | None = None) -> dict:
+    """Build the corpus into `out`; returns the summary.
+
+    `progress(n)` is called as shards finish each of the three passes (3 x scans in all).
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    records = discover_all(specs, cfg.source)
+    fingerprint = config_fingerprint(cfg, specs)
+    _prepare_out(out, fingerprint, overwrite)
+    (out / "build.json").write_text(json.dumps({"fingerprint": fingerprint, "sources": specs}, indent=1))
+
+    table = pd.DataFrame({"key": [r.key for r in records], "subject": [r.subject for r in records],
+                          "dataset": [r.dataset for r in records],
+                          "diagnosis": [r.phenotypes.get("diagnosis") for r in records]})
+    split_of = dict(zip(table["key"], assign_splits(table, tuple(cfg.splits.fractions), seed)))
+    size = cfg.build.shard_size
+    shards = plan_shards(records, split_of, size)
+    keys = [""] * (len(shards) * size)
+    for shard in shards:
+        for i, rec in enumerate(shard.records):
+            keys[shard.row0 + i] = rec.key
+    _create_arrays(out, len(keys), size, cfg, keys)
+
+    _init_ray(ray_address, cfg)
+    # retried on a lost worker and on an exception: a pass is idempotent per shard (markers, atomic tar rename)
+    opts = {"num_cpus": cfg.build.cpus_per_task, "max_retries": cfg.build.task_retries, "retry_exceptions": True}
+    remote_extract = ray.remote(**opts)(extract_shard)
+    remote_describe = ray.remote(**opts)(describe_shard)
+    remote_write = ray.remote(**opts)(write_shard)
+
+    extracted: dict[str, dict] = {}
+    labels, networks = None, None
+    weights = [len(s.records) for s in shards]
+    for result in _gather([remote_extract.remote(s, cfg, out) for s in shards], progress, weights):
+        extracted.update(result["scans"])
+        labels = labels or result["labels"]
+        networks = networks or result["networks"]
+    if labels is None:
+        first = next(iter(v["error"] for v in extracted.values()), "?")
+        raise InputError(f"no scan could be extracted (first failure: {first})")
+    rois = roi_table(labels, cfg.source.atlas.lookup or networks)
+    rois.to_csv(out / "rois.tsv", sep="\t", index=False)
+
+    row_of = {rec.key: s.row0 + i for s in shards for i, rec in enumerate(s.records)}
+    ok = [k for k, v in extracted.items() if not v["error"]]
+    dataset_of = {r.key: r.dataset for r in records}
+    reference_keys = sorted(k for k in ok if split_of[k] == "train" and
+                            cfg.reference.dataset in (None, dataset_of[k]))
+    if len(reference_keys) < 2:
+        raise InputError(f"reference cohort (train split of {cfg.reference.dataset or 'all datasets'}) has "
+                         f"{len(reference_keys)} usable scans; need at least 2")
+    if not (out / "reference.npz").exists():
+        rng = np.random.default_rng(seed)
+        fit_keys = sorted(rng.choice(reference_keys, min(len(reference_keys), cfg.reference.max_fit_scans),
+                                     replace=False))
+        ts = zarr.open_group(out / "timeseries.zarr", mode="r")["ts"]
+        reference = fit_reference([ts[row_of[k]] for k in fit_keys], rois["network"].to_numpy(), cfg.descriptors, seed)
+        save_reference(reference, out / "reference.npz")
+
+    ok_rows = {s.name: [row_of[r.key] for r in s.records if not extracted[r.key]["error"]] for s in shards}
+    _gather([remote_describe.remote(s, ok_rows[s.name], cfg, out) for s in shards], progress, weights)
+    if not (out / "norms.json").exists():
+        group = zarr.open_group(out / "timeseries.zarr", mode="r")
+        desc, pairs = group["descriptors"][:], group["fc_pairs"][:]
+        cohort = [Descriptors(dict(zip(DESCRIPTOR_NAMES, desc[row_of[k]].astype(float))),
+                              dict(zip(PAIR_NAMES, pairs[row_of[k]].astype(float))), {}) for k in reference_keys]
+        Norms.fit(cohort, f"{cfg.reference.dataset or 'all'}/train").save(out / "norms.json")
+
+    stats = _gather([remote_write.remote(s, split_of, {r.key: extracted[r.key] for r in s.records}, cfg, out, seed)
+                     for s in shards], progress, weights)
+    manifest = pd.concat([pd.read_parquet(out / "shards" / f"{s.name}_manifest.parquet") for s in shards])
+    manifest.to_parquet(out / "manifest.parquet", index=False)
+    seconds = time.perf_counter() - start
+    failed = Counter()
+    for st in stats:
+        failed.update(st["failed_by_reason"])
+    summary = {"scans": len(records), "ok": int((manifest["status"] == "ok").sum()),
+               "failed": int((manifest["status"] == "failed").sum()), "failed_by_reason": dict(failed),
+               "shards": len(shards), "splits": manifest["split"].value_counts().to_dict(),
+               "seconds": round(seconds, 2), "scans_per_s": round(len(records) / max(seconds, 1e-9), 2)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _init_ray(address: str | None, cfg: CorpusConfig) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=cfg.build.workers or None, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+
+
+def _gather(refs: list, progress, weights: list[int] | None = None) -> list:
+    """Wait for tasks in completion order, report progress, return results in submission order."""
+    weight_of = dict(zip(refs, weights or [0] * len(refs)))
+    index_of = {ref: i for i, ref in enumerate(refs)}
+    results = [None] * len(refs)
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        results[index_of[done[0]]] = ray.get(done[0])
+        if progress is not None:
+            progress(weight_of[done[0]])
+    return results
