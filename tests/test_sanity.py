@@ -11,7 +11,8 @@ from corpus_builder.sanity import sanity_check
 def test_descriptor_z_values_and_caption_text_each_predict_sex(tmp_path):
     import ray
 
-    cfg = load_config(None, ["synth.subjects=200", "synth.datasets=[UKB,ABCD]", "corpus.splits.fractions=[0.6,0.2,0.2]"])
+    cfg = load_config(None, ["synth.subjects=200", "synth.datasets=[UKB,ABCD]",
+                             "corpus.splits.fractions=[0.6,0.2,0.2]"])
     run_pipeline(cfg, tmp_path / "work")
     ray.shutdown()
     result = sanity_check(tmp_path / "work" / "corpus", "sex", "tfidf")
