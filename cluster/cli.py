@@ -75,7 +75,7 @@ def synth(
     extra += [f"synth.seed={seed}"] if seed is not None else []
     extra += [f"synth.format={format}"] if format is not None else []
     cfg = _load(config, set_, extra)
-    result = _guard(run_synth, cfg, out, tracker_for(cfg, out), progress=progress_bar)
+    result = _guard(run_synth, cfg, out, tracker_for(cfg, cfg.workdir), progress=progress_bar)
     typer.echo(f"synthetic cohort: {result.out}  (MLflow run {result.run_id})")
 
 
@@ -95,6 +95,30 @@ corpus_app = typer.Typer(help="Build the corpus from its sources.", no_args_is_h
 app.add_typer(corpus_app, name="corpus")
 
 
+@corpus_app.command("build")
+def corpus_build(
+    source: Annotated[str, typer.Option(help="source root(s), comma-separated; kind:PATH forces a layout")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="corpus folder (shards, zarr, manifest, norms)")],
+    overwrite: Annotated[bool, typer.Option(help="replace a corpus built with another config")] = False,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster ('auto' or HOST:PORT); default $RAY_ADDRESS or a local Ray")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build the sharded corpus as a Ray job: webdataset tars, zarr, manifest, norms. Re-running resumes."""
+    from cluster.pipeline import run_corpus_build, tracker_for
+
+    cfg = _load(config, set_)
+    specs = [s for s in source.split(",") if s]
+    result = _guard(run_corpus_build, cfg, specs, out, tracker_for(cfg, cfg.workdir), overwrite=overwrite,
+                    ray_address=address, progress=progress_bar)
+    s = result.summary
+    for reason, n in sorted(s["failed_by_reason"].items()):
+        typer.echo(f"  failed: {n} x {reason}", err=True)
+    typer.echo(f"{s['ok']} ok, {s['failed']} failed of {s['scans']} scans in {s['shards']} shards -> {out}"
+               f"  ({s['scans_per_s']} scans/s; MLflow run {result.run_id})")
+
+
 @corpus_app.command("timeseries")
 def corpus_timeseries(
     source: Annotated[str, typer.Option(help="source root(s), comma-separated; kind:PATH forces a layout")],
@@ -107,7 +131,7 @@ def corpus_timeseries(
 
     cfg = _load(config, set_)
     specs = [s for s in source.split(",") if s]
-    result = _guard(run_timeseries, cfg, specs, out, tracker_for(cfg, out), progress=progress_bar)
+    result = _guard(run_timeseries, cfg, specs, out, tracker_for(cfg, cfg.workdir), progress=progress_bar)
     summary = result.summary
     for line in summary["failures"][:20]:
         typer.echo(f"  failed: {line}", err=True)

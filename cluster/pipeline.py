@@ -14,7 +14,7 @@ from pathlib import Path
 from cluster.config import PipelineConfig, flatten, save_resolved
 from cluster.progress import no_progress
 from cluster.tracking import StageRun, Tracker
-from corpus_builder.describe import count_ok_scans, describe
+from corpus_builder.build import build_corpus
 from corpus_builder.extraction import discover_all, extract_all
 from corpus_builder.synth import synthesize
 from corpus_builder.synth_nifti import atlas_config, write_nifti_cohort
@@ -37,6 +37,8 @@ class PipelineResult:
 
 
 def tracker_for(cfg: PipelineConfig, workdir: Path) -> Tracker:
+    """The run store of a config: `tracking.uri`, else $MLFLOW_TRACKING_URI, else <workdir>/mlflow.db (single
+    commands use the config's workdir too, so every stage of a project lands in one store)."""
     return Tracker.for_workdir(workdir, cfg.tracking.experiment or cfg.name, cfg.tracking.uri)
 
 
@@ -74,23 +76,23 @@ def run_timeseries(cfg: PipelineConfig, specs: list[str], out: Path, tracker: Tr
         return StageResult("timeseries", out, run.run_id, summary)
 
 
-def run_describe(cfg: PipelineConfig, ts_dir: Path, out: Path, tracker: Tracker, parent: StageRun | None = None,
-                 input_run_id: str | None = None, progress=no_progress) -> StageResult:
-    """Stage: splits, reference fits, the 23 descriptors with z-values, captions and instruction items."""
-    params = {**flatten(cfg.corpus.descriptors, "descriptors."), **flatten(cfg.corpus.reference, "reference."),
-              **flatten(cfg.corpus.splits, "splits."), **flatten(cfg.corpus.captions, "captions."),
-              **flatten(cfg.corpus.instructions, "instructions.")}
-    n_scans = count_ok_scans(ts_dir)  # fails on a folder that is not an extracted corpus, before a run opens
-    with tracker.run("describe", parent=parent, params=params, input_run_id=input_run_id) as run:
+def run_corpus_build(cfg: PipelineConfig, specs: list[str], out: Path, tracker: Tracker,
+                     parent: StageRun | None = None, input_run_id: str | None = None, overwrite: bool = False,
+                     ray_address: str | None = None, progress=no_progress) -> StageResult:
+    """Stage: sources -> sharded corpus (webdataset tars, zarr, manifest, norms) as Ray tasks."""
+    records = discover_all(specs, cfg.corpus.source)  # bad sources fail before a run is opened
+    with tracker.run("corpus", parent=parent, params=flatten(cfg.corpus), input_run_id=input_run_id) as run:
+        with progress("corpus: scans x 3 passes", 3 * len(records)) as advance:
+            summary = build_corpus(specs, cfg.corpus, out, cfg.seed, overwrite, advance, ray_address)
         resolved = save_resolved(cfg, out)
-        with progress("describe: scans", n_scans) as advance:
-            summary = describe(ts_dir, cfg.corpus, out, cfg.seed, progress=advance)
-        run.log_metrics({"scans": summary["scans"], "reference_scans": summary["reference_scans"],
-                         "missing_descriptors": summary["missing_descriptors"],
-                         **{f"split.{k}": v for k, v in summary["splits"].items()}})
-        for artifact in ("norms.json", "reference.npz", resolved):
-            run.log_artifact(out / artifact if isinstance(artifact, str) else artifact)
-        return StageResult("describe", out, run.run_id, summary)
+        run.log_metrics({k: summary[k] for k in ("scans", "ok", "failed", "shards", "seconds", "scans_per_s")}
+                        | {f"split.{k}": v for k, v in summary["splits"].items()})
+        run.log_params({f"failed_by_reason.{i}": f"{n} x {reason}"
+                        for i, (reason, n) in enumerate(sorted(summary["failed_by_reason"].items()))})
+        for artifact in ("norms.json", "summary.json", "rois.tsv", "reference.npz"):
+            run.log_artifact(out / artifact)
+        run.log_artifact(resolved)
+        return StageResult("corpus", out, run.run_id, summary)
 
 
 def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_progress) -> PipelineResult:
@@ -109,9 +111,8 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_p
             if cfg.synth.format == "nifti":  # the synthetic cohort brings its own atlas
                 cfg = cfg.model_copy(deep=True)
                 cfg.corpus.source.atlas = atlas_config(synth.out)
-        ts = run_timeseries(cfg, specs, workdir / "timeseries", tracker, parent, input_run, progress)
-        result.stages.append(ts)
-        result.stages.append(run_describe(cfg, ts.out, workdir / "corpus", tracker, parent, ts.run_id, progress))
+        result.stages.append(run_corpus_build(cfg, specs, workdir / "corpus", tracker, parent, input_run,
+                                              overwrite=True, progress=progress))
         summary = {s.name: {"out": str(s.out), "run_id": s.run_id} for s in result.stages}
         (workdir / "pipeline.json").write_text(json.dumps(summary, indent=2))
         parent.log_artifact(workdir / "pipeline.json")

@@ -30,6 +30,20 @@ def tiny_config(tmp_path):
                        TINY + [f"workdir={tmp_path / 'work'}"])
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """One real pipeline run (synth -> Ray corpus build, MLflow sqlite) shared by the tests that inspect it."""
+    import ray
+
+    from cluster.pipeline import run_pipeline
+
+    work = tmp_path_factory.mktemp("pipeline") / "work"
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", TINY + ["synth.seed=11"])
+    result = run_pipeline(cfg, work)
+    ray.shutdown()
+    return cfg, result, work
+
+
 @pytest.fixture(autouse=True)
 def _no_tracking_env(monkeypatch):
     """Tests choose their own store; a developer's MLFLOW_TRACKING_URI must not leak in."""

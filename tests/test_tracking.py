@@ -6,12 +6,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from cluster.config import load_config
-from cluster.pipeline import run_pipeline
 from cluster.tracking import INPUT_RUN_TAG, PARENT_TAG, Tracker
-from tests.conftest import TINY
-
-ROOT = Path(__file__).parents[1]
 
 
 def runs_by_name(client, experiment="demo"):
@@ -19,35 +14,31 @@ def runs_by_name(client, experiment="demo"):
     return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
 
 
-def test_pipeline_records_parent_children_params_and_lineage(tmp_path):
-    work = tmp_path / "work"
-    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY + ["synth.seed=11"])
-    result = run_pipeline(cfg, work)
+def test_pipeline_records_parent_children_params_and_lineage(tiny_pipeline):
+    cfg, result, work = tiny_pipeline
 
     assert result.tracking_uri == f"sqlite:///{work.resolve() / 'mlflow.db'}"
     client = MlflowClient(result.tracking_uri)
     runs = runs_by_name(client)
-    assert set(runs) == {"pipeline", "synth", "timeseries", "describe"}
+    assert set(runs) == {"pipeline", "synth", "corpus"}
     parent = runs["pipeline"]
     assert parent.info.run_id == result.run_id and parent.info.status == "FINISHED"
     assert PARENT_TAG not in parent.data.tags
-    for child in ("synth", "timeseries", "describe"):
+    for child in ("synth", "corpus"):
         assert runs[child].data.tags[PARENT_TAG] == parent.info.run_id
         assert runs[child].info.status == "FINISHED"
     # flattened config as params, --set overrides included
     assert parent.data.params["synth.seed"] == "11"
     assert parent.data.params["corpus.source.cleaning.length"] == "32"
     assert runs["synth"].data.params["subjects"] == "4"
-    assert runs["timeseries"].data.params["source.cleaning.tr"] == "2.0"
+    assert runs["corpus"].data.params["source.cleaning.tr"] == "2.0"
     # lineage: the timeseries stage names the run that produced its input
-    assert runs["timeseries"].data.tags[INPUT_RUN_TAG] == runs["synth"].info.run_id
-    assert runs["describe"].data.tags[INPUT_RUN_TAG] == runs["timeseries"].info.run_id
-    assert {"norms.json", "reference.npz"} <= {a.path for a in client.list_artifacts(runs["describe"].info.run_id)}
-    assert runs["timeseries"].data.metrics["ok"] == 4
-    artifacts = {a.path for a in client.list_artifacts(runs["timeseries"].info.run_id)}
-    assert {"summary.json", "rois.tsv", "config.resolved.yaml"} <= artifacts
+    assert runs["corpus"].data.tags[INPUT_RUN_TAG] == runs["synth"].info.run_id
+    assert runs["corpus"].data.metrics["ok"] == 4
+    artifacts = {a.path for a in client.list_artifacts(runs["corpus"].info.run_id)}
+    assert {"norms.json", "summary.json", "rois.tsv", "reference.npz", "config.resolved.yaml"} <= artifacts
     # the resolved config sits next to every output
-    for folder in (work, work / "source", work / "timeseries", work / "corpus"):
+    for folder in (work, work / "source", work / "corpus"):
         assert "seed: 11" in (folder / "config.resolved.yaml").read_text()
 
 
