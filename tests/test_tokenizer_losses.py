@@ -23,6 +23,8 @@ import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from tests.conftest import TINY_WORDS as WORDS  # noqa: E402
+from tests.conftest import tiny_tokenizer as _tiny_tokenizer  # noqa: E402
 from tokenizer_train.losses import (  # noqa: E402
     DomainClassifier,
     SigLipLoss,
@@ -236,34 +238,6 @@ def test_retrieval_recall_on_a_constructed_case():
 
 
 # --------------------------------------------------------------------------------------------- text side
-
-WORDS = ["the", "brain", "default", "network", "is", "strongly", "coupled", "weak", "visual", "salience"]
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "<s>": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                   bos_token="<s>", eos_token="</s>")
-
-
-@pytest.fixture(scope="module")
-def tiny_llm_dir(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny_llm")
-    torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=len(WORDS) + 4, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    _tiny_tokenizer().save_pretrained(folder)
-    return folder
-
 
 def test_sampler_follows_corpus_frequencies_and_skips_special_tokens():
     from scipy.stats import chi2

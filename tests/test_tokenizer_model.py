@@ -292,7 +292,7 @@ def test_roi_gradients_embedding(tmp_path):
     with pytest.raises(ValueError, match="n_rois"):
         model.set_roi_gradients(gradients[:5])
     model.set_roi_gradients(gradients)
-    assert "roi_gradients" in dict(model.named_buffers()) and "roi_embed" not in dict(model.named_parameters())
+    assert "roi_gradients" in dict(model.named_buffers()) and "pos.roi" not in dict(model.named_parameters())
     assert model.roi_proj.weight.shape == (config.dim, 3)
     out = model(batch())
     assert out.codes.shape == (B, W, N)

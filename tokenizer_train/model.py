@@ -80,6 +80,23 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class PositionEmbedding(nn.Module):
+    """Time-step embedding [W, dim] + ROI embedding [N, dim] (learned, or given by the caller).
+
+    A module of its own, not bare parameters of BrainTokenizer: DeepSpeed ZeRO-3 gathers a module's parameters
+    around that module's calls, and BrainTokenizer returns a dataclass its backward hooks cannot see into.
+    """
+
+    def __init__(self, n_steps: int, n_rois: int, dim: int, learned_roi: bool):
+        super().__init__()
+        self.time = nn.Parameter(torch.randn(n_steps, dim) * 0.02)
+        self.roi = nn.Parameter(torch.randn(n_rois, dim) * 0.02) if learned_roi else None
+
+    def forward(self, roi: Tensor | None = None) -> Tensor:
+        roi = self.roi if roi is None else roi
+        return self.time[:, None, :] + roi[None, :, :]
+
+
 class BrainTokenizer(nn.Module):
     def __init__(self, config: TokenizerModelConfig, roi_gradients: np.ndarray | Tensor | None = None):
         super().__init__()
@@ -87,10 +104,8 @@ class BrainTokenizer(nn.Module):
         self.n_steps = math.ceil(c.length / c.patch)  # W
 
         self.patch_embed = nn.Linear(c.patch, c.dim)
-        self.time_embed = nn.Parameter(torch.randn(self.n_steps, c.dim) * 0.02)
-        if c.roi_embedding == "learned":
-            self.roi_embed = nn.Parameter(torch.randn(c.n_rois, c.dim) * 0.02)
-        else:  # fixed gradients [N, k] (z-scored columns), through a learned Linear(k, dim)
+        self.pos = PositionEmbedding(self.n_steps, c.n_rois, c.dim, learned_roi=c.roi_embedding == "learned")
+        if c.roi_embedding != "learned":  # fixed gradients [N, k] (z-scored columns), through a learned Linear(k, dim)
             self.register_buffer("roi_gradients", None)
             self.register_module("roi_proj", None)
             if roi_gradients is not None:
@@ -130,12 +145,10 @@ class BrainTokenizer(nn.Module):
     def positions(self) -> Tensor:
         """Embedding of every (step, ROI) position, [W, N, dim]; shared by encoder and decoder input."""
         if self.config.roi_embedding == "learned":
-            roi = self.roi_embed
-        elif self.roi_gradients is None:
+            return self.pos()
+        if self.roi_gradients is None:
             raise RuntimeError("roi_embedding='gradients' but no gradients were given: call set_roi_gradients")
-        else:
-            roi = self.roi_proj(self.roi_gradients)
-        return self.time_embed[:, None, :] + roi[None, :, :]
+        return self.pos(self.roi_proj(self.roi_gradients))
 
     # Patches and the time-major token order
 

@@ -1,0 +1,97 @@
+"""Running a training stage: in-process (also each rank under torchrun), or as a Ray Train `TorchTrainer`.
+
+A stage is a plain function `train(cfg, corpus, out, runtime)`; this module supplies the runtime:
+- `LocalRuntime` (tokenizer_train.runtime): checkpoints in a shared folder, rank-0 logging; used in-process and
+  by every rank under `torchrun` (which sets RANK / WORLD_SIZE / MASTER_ADDR for DeepSpeed);
+- `RayTrainRuntime`: checkpoints through `ray.train.report` into the run's `storage_path`, resume from
+  `ray.train.get_checkpoint()` (so a restarted worker group picks up the last checkpoint), metrics straight to
+  MLflow from rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from cluster.tracking import Tracker
+
+
+class RayTrainRuntime:
+    def __init__(self, log_fn: Callable[[dict[str, float], int], None] | None):
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.log_fn = log_fn
+        self._local = Path(tempfile.mkdtemp(prefix="fmrilm-ckpt-"))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.rank == 0 and self.log_fn is not None:
+            self.log_fn(metrics, step)
+
+    def checkpoint_dir(self, step: int) -> Path:
+        path = self._local / f"step_{step:08d}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def commit_checkpoint(self, directory: Path, step: int, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        (directory / "complete").write_text(str(step))
+        # every rank reports its own files (DeepSpeed names them per rank); Ray merges them in storage
+        ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+
+    def latest_checkpoint(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return Path(checkpoint.to_directory()) if checkpoint is not None else None
+
+
+def mlflow_logger(tracker: Tracker, run_id: str | None) -> Callable[[dict[str, float], int], None] | None:
+    """A picklable-enough logging function for workers: opens its own client on the same store."""
+    if run_id is None:
+        return None
+    uri = tracker.uri
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        from cluster.tracking import StageRun
+        from mlflow.tracking import MlflowClient
+
+        clean = {k.replace("@", "_at_"): v for k, v in metrics.items()}
+        StageRun(MlflowClient(uri), run_id).log_metrics(clean, step)
+
+    return log
+
+
+def run_training(train_fn, cfg, corpus: Path, out: Path, *, workers: int, log_fn, storage: Path,
+                 name: str) -> dict:
+    """Run `train_fn(cfg, corpus, out, runtime)` in-process (workers == 0) or on `workers` Ray Train workers."""
+    if workers == 0:
+        from tokenizer_train.runtime import LocalRuntime
+
+        return train_fn(cfg, corpus, out, LocalRuntime(out / "checkpoints", log_fn))
+
+    import ray
+    import torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    def loop(config: dict) -> None:
+        train_fn(cfg, corpus, out, RayTrainRuntime(log_fn))  # the last checkpoint report carries the metrics
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address) if address else ray.init(num_cpus=max(2, workers), include_dashboard=False)
+    use_gpu = torch.cuda.is_available()
+    trainer = TorchTrainer(
+        loop,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve())),
+    )
+    result = trainer.fit()
+    return {k.removeprefix("val/"): v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

@@ -1,0 +1,137 @@
+"""Stage 1 training on a real DeepSpeed engine (CPU, gloo): wiring, resume, bad input, export."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import load_config
+from corpus_builder.build import build_corpus
+from corpus_builder.config import SynthConfig
+from corpus_builder.errors import InputError
+from corpus_builder.synth import synthesize
+from tokenizer_train.config import TokenizerTrainConfig
+from tokenizer_train.runtime import LocalRuntime
+from tokenizer_train.train import Stage1, build_engine, train
+
+T = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import ray
+
+    root = tmp_path_factory.mktemp("stage1")
+    synthesize(SynthConfig(subjects=14, length_scale=0.3, datasets=["UKB", "ABCD"]), root / "src")
+    cfg = load_config(None, [f"corpus.source.cleaning.length={T}", "corpus.build.shard_size=8",
+                             "corpus.build.workers=2", "corpus.splits.fractions=[0.7,0.3,0.0]"])
+    build_corpus([str(root / "src")], cfg.corpus, root / "corpus")
+    ray.shutdown()
+    return root / "corpus"
+
+
+def tiny_cfg(llm_dir: Path, **extra) -> TokenizerTrainConfig:
+    data = {"model": {"length": T, "patch": 8, "dim": 16, "depth": 1, "heads": 2, "codebook_size": 32,
+                      "code_dim": 8, "llm_dim": 16, "decoder_depth": 1},
+            "text": {"llm": str(llm_dir), "text_batch": 64},
+            "optim": {"warmup_steps": 2}, "batch_size": 4, "steps": 6, "checkpoint_every": 3, "eval_every": 6}
+    for key, value in extra.items():
+        data[key] = value
+    return TokenizerTrainConfig.model_validate(data)
+
+
+class StopAfter(LocalRuntime):
+    """A runtime that stops the run right after committing the checkpoint of `step` (a killed job)."""
+
+    def __init__(self, root, step):
+        super().__init__(root)
+        self.stop = step
+
+    def commit_checkpoint(self, directory, step, metrics):
+        super().commit_checkpoint(directory, step, metrics)
+        if step == self.stop:
+            raise KeyboardInterrupt
+
+
+def test_every_trainable_parameter_is_in_the_optimizer(tiny_llm_dir):
+    cfg = tiny_cfg(tiny_llm_dir)
+    module = Stage1(cfg, caption_dim=384)
+    engine, optimizer = build_engine(module, cfg)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert {n for n, p in module.named_parameters() if p.requires_grad and id(p) not in in_optimizer} == set()
+    # the heads the reference implementation forgot are among them
+    assert any(n.startswith("caption_proj.") for n in trainable) and any(n.startswith("domain.") for n in trainable)
+    assert {"siglip.logit_scale", "siglip.logit_bias"} <= trainable
+    assert not any("codebook" in n or n.endswith(".embed") for n in trainable)  # EMA codebook: buffers only
+
+
+def test_resume_reaches_the_same_final_loss(corpus, tiny_llm_dir, tmp_path):
+    cfg = tiny_cfg(tiny_llm_dir)
+    straight = train(cfg, corpus, tmp_path / "a", LocalRuntime(tmp_path / "a" / "ckpt"))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, corpus, tmp_path / "b", StopAfter(tmp_path / "b" / "ckpt", 3))
+    runtime = LocalRuntime(tmp_path / "b" / "ckpt")
+    assert runtime.latest_checkpoint().name == "step_00000003"
+    resumed = train(cfg, corpus, tmp_path / "b", runtime)
+    assert resumed["final_loss"] == pytest.approx(straight["final_loss"], abs=1e-5)
+    assert resumed["val/reconstruction_r2"] == pytest.approx(straight["val/reconstruction_r2"], abs=1e-5)
+
+
+def test_bad_input_fails_before_any_step(corpus, tiny_llm_dir, tmp_path):
+    with pytest.raises(InputError, match=r"T=32 x N=450.*T=40"):
+        train(tiny_cfg(tiny_llm_dir, model={**tiny_cfg(tiny_llm_dir).model.model_dump(), "length": 40}),
+              corpus, tmp_path / "o", LocalRuntime(tmp_path / "c"))
+    with pytest.raises(InputError, match="test split has no usable scan"):
+        from tokenizer_train.data import ScanBatches
+        ScanBatches(corpus, "test", 4, length=T, n_rois=450)
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        train(tiny_cfg(tiny_llm_dir, text={"llm": str(tiny_llm_dir), "text_corpus": str(tmp_path / "nope.txt")}),
+              corpus, tmp_path / "o", LocalRuntime(tmp_path / "c"))
+    # a checkpoint of another config is refused
+    cfg = tiny_cfg(tiny_llm_dir, steps=3)
+    train(cfg, corpus, tmp_path / "o", LocalRuntime(tmp_path / "c"))
+    other = tiny_cfg(tiny_llm_dir, steps=3, loss={"domain": 0.0})
+    with pytest.raises(InputError, match="checkpoint of another config"):
+        train(other, corpus, tmp_path / "o2", LocalRuntime(tmp_path / "c"))
+
+
+def test_export_loads_in_a_fresh_process_and_encodes_a_scan(corpus, tiny_llm_dir, tmp_path):
+    train(tiny_cfg(tiny_llm_dir, steps=2), corpus, tmp_path / "out", LocalRuntime(tmp_path / "ckpt"))
+    code = (
+        "import sys, numpy as np\n"
+        "from tokenizer_train import BrainTokenizer\n"
+        "from corpus_builder.readers import ZarrCorpus\n"
+        "tok = BrainTokenizer.from_pretrained(sys.argv[1])\n"
+        "corpus = ZarrCorpus(sys.argv[2])\n"
+        "codes = tok.encode(corpus[corpus.keys()[0]])\n"
+        "assert codes.shape == (4, 450) and int(codes.max()) < 32, codes.shape\n"
+        "print(tuple(tok.codebook.shape))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out" / "tokenizer"), str(corpus)],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "(32, 16)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ray_train_two_workers_zero_stage_trains_and_exports(corpus, tiny_llm_dir, tmp_path, stage):
+    import ray
+
+    from cluster.launch import run_training
+
+    root = Path(__file__).parents[1]
+    cfg = tiny_cfg(tiny_llm_dir, steps=4, checkpoint_every=2, eval_every=4,
+                   deepspeed=str(root / "configs" / "deepspeed" / f"zero{stage}.json"))
+    try:
+        metrics = run_training(train, cfg, corpus, tmp_path / "out", workers=2, log_fn=None,
+                               storage=tmp_path / "ray", name=f"zero{stage}")
+    finally:
+        ray.shutdown()
+    assert "reconstruction_r2" in metrics
+    from tokenizer_train import BrainTokenizer
+
+    tok = BrainTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
+    assert tok.encode(torch.zeros(T, 450)).shape == (4, 450)

@@ -1,0 +1,256 @@
+"""Stage 1 training: `train(cfg, corpus, out, runtime)`, a loop of train_step / checkpoint / validate with resume
+as the first thing it does (torchtitan style). The same code runs in one process, under torchrun and inside
+Ray Train workers: the caller sets up the process group environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and
+hands in a `Runtime`.
+
+Every trainable part (tokenizer, domain classifier, SigLIP temperature/bias, caption projection) lives in one
+`Stage1` module, so the DeepSpeed optimizer provably holds all of them (the reference implementation left its
+projection heads out of the optimizer). The LLM embedding matrix and the caption encoder are frozen and live
+outside the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corpus_builder.errors import InputError
+from tokenizer_train.config import TokenizerTrainConfig
+from tokenizer_train.data import ScanBatches
+from tokenizer_train.losses import (
+    DomainClassifier,
+    SigLipLoss,
+    dann_lambda,
+    domain_loss,
+    retrieval_recall,
+)
+from tokenizer_train.model import BrainTokenizer
+from tokenizer_train.runtime import Runtime
+from tokenizer_train.text import CaptionEncoder, CaptionProjection, TextEmbeddingSampler, load_llm, read_text_corpus
+
+CLIENT_STATE = "fmrilm_state.json"
+
+
+class Stage1(nn.Module):
+    """Everything stage 1 trains; `forward` returns the losses of one batch."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, caption_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = BrainTokenizer(cfg.model)
+        self.domain = DomainClassifier(cfg.model.llm_dim, cfg.loss.domain_hidden)
+        self.siglip = SigLipLoss()
+        self.caption_proj = CaptionProjection(caption_dim, cfg.model.llm_dim)
+
+    def forward(self, x: torch.Tensor, caption_emb: torch.Tensor, text_emb: torch.Tensor, lam: float,
+                generator: torch.Generator) -> dict[str, torch.Tensor]:
+        w = self.cfg.loss
+        out = self.tokenizer(x)
+        losses = {"reconstruction": F.mse_loss(out.recon, x), "commitment": out.commit_loss}
+        total = w.reconstruction * losses["reconstruction"] + w.commitment * losses["commitment"]
+        if w.domain > 0:
+            latents = out.llm_pre_quant.reshape(-1, out.llm_pre_quant.shape[-1])
+            pick = torch.randint(len(latents), (min(len(latents), len(text_emb)),), generator=generator)
+            losses["domain"], losses["domain_accuracy"] = domain_loss(self.domain, latents[pick], text_emb, lam)
+            total = total + w.domain * losses["domain"]
+        if w.contrastive > 0:
+            losses["siglip"] = self.siglip(out.pooled, self.caption_proj(caption_emb))
+            total = total + w.contrastive * losses["siglip"]
+        losses["loss"] = total
+        losses.update({f"vq_{k}": torch.as_tensor(float(v)) for k, v in out.vq_stats.items()})
+        return losses
+
+
+def config_fingerprint(cfg: TokenizerTrainConfig) -> str:
+    """What a checkpoint depends on: everything but the run length and the checkpoint cadence."""
+    content = cfg.model_dump(mode="json", exclude={"steps", "checkpoint_every", "eval_every"})
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def deepspeed_config(cfg: TokenizerTrainConfig) -> dict:
+    ds = json.loads(Path(cfg.deepspeed).read_text()) if cfg.deepspeed else {"zero_optimization": {"stage": 0}}
+    ds.update({
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay,
+            "torch_adam": not torch.cuda.is_available()}},  # DeepSpeed's fused CPU Adam needs a C++ build
+        "steps_per_print": ds.get("steps_per_print", 10**9),
+    })
+    ds.pop("train_batch_size", None)
+    if torch.cuda.is_available():
+        ds.setdefault("bf16", {"enabled": True})
+    return ds
+
+
+def lr_lambda(cfg: TokenizerTrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.optim.warmup_steps:
+            return (step + 1) / cfg.optim.warmup_steps
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.optim.warmup_steps) / max(1, cfg.steps - cfg.optim.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def init_distributed() -> None:
+    """A process group for DeepSpeed: gloo on CPU, nccl on GPU; a 1-process group when nobody set one up
+    (torchrun and Ray Train set one up before the stage runs; DeepSpeed then wraps it)."""
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+class TextSide:
+    """The frozen language side: text-token embeddings of the target LLM and caption embeddings."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, corpus: Path, train: ScanBatches):
+        llm = load_llm(cfg.text.llm, cfg.text.llm_gguf, with_model=cfg.text.caption_encoder == "llm")
+        if llm.embeddings.shape[1] != cfg.model.llm_dim:
+            raise InputError(f"model.llm_dim is {cfg.model.llm_dim} but the LLM's embeddings are "
+                             f"{llm.embeddings.shape[1]}-d")
+        if cfg.text.text_corpus:
+            texts, source = read_text_corpus(cfg.text.text_corpus), str(cfg.text.text_corpus)
+        else:
+            texts, source = list(train.caption_of.values()), f"captions of {corpus}"
+        self.sampler = TextEmbeddingSampler.from_corpus(llm.tokenizer, llm.embeddings, texts, source=source)
+        self.captions = CaptionEncoder(cfg.text.caption_encoder, llm=llm if cfg.text.caption_encoder == "llm" else None)
+
+    def text_batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self.sampler.sample(n, generator)
+
+    def caption_batch(self, captions: list[str]) -> torch.Tensor:
+        return self.captions.encode(captions)
+
+
+def build_engine(module: Stage1, cfg: TokenizerTrainConfig):
+    """(DeepSpeed engine, its optimizer) over every trainable parameter of `module`."""
+    init_distributed()
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    return engine, optimizer
+
+
+def _gathered(module: nn.Module):
+    """All parameters materialised on every rank (ZeRO-3 partitions them)."""
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def train(cfg: TokenizerTrainConfig, corpus: Path, out: Path, runtime: Runtime) -> dict:
+    """Train the tokenizer on `corpus`, export it to `out/tokenizer`; returns the final validation metrics."""
+    corpus, out = Path(corpus), Path(out)
+    m = cfg.model
+    train_data = ScanBatches(corpus, "train", cfg.batch_size, length=m.length, n_rois=m.n_rois, seed=cfg.seed,
+                             rank=runtime.rank, world_size=runtime.world_size)
+    val_data = ScanBatches(corpus, "val", cfg.batch_size, length=m.length, n_rois=m.n_rois, seed=cfg.seed)
+    fingerprint = config_fingerprint(cfg)
+    latest = runtime.latest_checkpoint()
+    if latest is not None:  # refuse a checkpoint of another config before any work
+        saved = json.loads((latest / CLIENT_STATE).read_text())
+        if saved["fingerprint"] != fingerprint:
+            raise InputError(f"{latest}: checkpoint of another config (fingerprint {saved['fingerprint']}, "
+                             f"this config {fingerprint})")
+    text = TextSide(cfg, corpus, train_data)
+
+    torch.manual_seed(cfg.seed)
+    engine, _ = build_engine(Stage1(cfg, text.captions.dim), cfg)
+    start = 0
+    if latest is not None:
+        engine.load_checkpoint(str(latest), tag="engine")
+        start = json.loads((latest / CLIENT_STATE).read_text())["step"]
+
+    metrics: dict[str, float] = {}
+    for step in range(start, cfg.steps):
+        losses = train_step(engine, cfg, text, train_data, step)
+        if runtime.rank == 0 and (step % 10 == 0 or step + 1 == cfg.steps):
+            runtime.log({f"train/{k}": float(v) for k, v in losses.items()} | {"train/lr": engine.get_lr()[0]}, step)
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            metrics = validate(engine.module, cfg, text, val_data, step)
+            runtime.log(metrics, step)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(engine, runtime, done, fingerprint,
+                            {f"train/{k}": float(v) for k, v in losses.items()} | metrics)
+
+    with _gathered(engine.module):
+        if runtime.rank == 0:
+            engine.module.tokenizer.save_pretrained(out / "tokenizer")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return metrics | {"final_loss": float(losses["loss"]) if cfg.steps > start else float("nan")}
+
+
+def train_step(engine, cfg: TokenizerTrainConfig, text: TextSide, data: ScanBatches, step: int) -> dict:
+    # every random draw of a step is seeded by (seed, step, rank): a resumed run repeats it exactly
+    torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + data.rank)
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + data.rank)
+    x, captions, _ = data.batch(step)
+    device = engine.device
+    caption_emb = text.caption_batch(captions).to(device)
+    text_emb = text.text_batch(cfg.text.text_batch, generator).to(device)
+    lam = dann_lambda(step / max(1, cfg.steps - 1), cfg.loss.dann_gamma)
+    engine.train()
+    losses = engine(x.to(device), caption_emb, text_emb, lam, generator)
+    engine.backward(losses["loss"])
+    engine.step()
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def save_checkpoint(engine, runtime: Runtime, step: int, fingerprint: str, metrics: dict[str, float]) -> None:
+    directory = runtime.checkpoint_dir(step)
+    engine.save_checkpoint(str(directory), tag="engine")
+    if runtime.rank == 0:
+        (directory / CLIENT_STATE).write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    runtime.commit_checkpoint(directory, step, metrics)
+
+
+@torch.no_grad()
+def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: ScanBatches, step: int,
+             max_scans: int = 512) -> dict[str, float]:
+    """Reconstruction R^2, codebook usage and perplexity, domain accuracy, SigLIP loss, retrieval R@1/R@5."""
+    module.eval()
+    generator = torch.Generator().manual_seed(cfg.seed + 12345)
+    sse = sst = 0.0
+    counts = torch.zeros(cfg.model.codebook_size)
+    scans, caps, domain_acc, siglip = [], [], [], []
+    with _gathered(module):
+        for x, captions, _ in data.all(max_scans):
+            out = module.tokenizer(x)
+            sse += float(((out.recon - x) ** 2).sum())
+            sst += float(((x - x.mean(dim=(1, 2), keepdim=True)) ** 2).sum())
+            counts += torch.bincount(out.codes.flatten(), minlength=cfg.model.codebook_size).float()
+            latents = out.llm_pre_quant.reshape(-1, out.llm_pre_quant.shape[-1])
+            text_emb = text.text_batch(cfg.text.text_batch, generator)
+            pick = torch.randint(len(latents), (min(len(latents), len(text_emb)),), generator=generator)
+            domain_acc.append(float(domain_loss(module.domain, latents[pick], text_emb, 0.0)[1]))
+            caption_emb = module.caption_proj(text.caption_batch(captions))
+            gather, module.siglip.gather = module.siglip.gather, False  # ranks may hold different val batches
+            siglip.append(float(module.siglip(out.pooled, caption_emb)))
+            module.siglip.gather = gather
+            scans.append(out.pooled)
+            caps.append(caption_emb)
+    module.train()
+    p = counts / counts.sum()
+    recall = retrieval_recall(torch.cat(scans), torch.cat(caps), ks=(1, 5))
+    n = len(torch.cat(scans))
+    return {"val/reconstruction_r2": 1 - sse / max(sst, 1e-12),
+            "val/codebook_usage": float((counts > 0).float().mean()),
+            "val/codebook_perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
+            "val/domain_accuracy": float(np.mean(domain_acc)), "val/siglip": float(np.mean(siglip)),
+            "val/retrieval_r1": float(recall["R@1"]), "val/retrieval_r5": float(recall["R@5"]),
+            "val/retrieval_chance_r5": min(1.0, 5 / n), "val/scans": float(n)}
