@@ -58,8 +58,9 @@ def mlflow_logger(tracker: Tracker, run_id: str | None) -> Callable[[dict[str, f
     uri = tracker.uri
 
     def log(metrics: dict[str, float], step: int) -> None:
-        from cluster.tracking import StageRun
         from mlflow.tracking import MlflowClient
+
+        from cluster.tracking import StageRun
 
         clean = {k.replace("@", "_at_"): v for k, v in metrics.items()}
         StageRun(MlflowClient(uri), run_id).log_metrics(clean, step)
