@@ -139,6 +139,31 @@ def corpus_timeseries(
                f"  (MLflow run {result.run_id})")
 
 
+tokenizer_app = typer.Typer(help="Stage 1: the text-aligned brain tokenizer.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    corpus: Annotated[Path, typer.Option(help="a corpus built by `fmrilm corpus build`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output: tokenizer/ (export), checkpoints/")],
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers; 0 = in-process (also under torchrun)")] = None,
+    deepspeed: Annotated[Path | None, typer.Option(help="DeepSpeed JSON, e.g. configs/deepspeed/zero2.json")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the tokenizer (DeepSpeed ZeRO) and export it to OUT/tokenizer. Re-running resumes from the last
+    checkpoint."""
+    from cluster.pipeline import run_tokenizer_train, tracker_for
+
+    extra = [f"workers={workers}"] if workers is not None else []
+    extra += [f"tokenizer.deepspeed={deepspeed}"] if deepspeed is not None else []
+    cfg = _load(config, set_, extra)
+    result = _guard(run_tokenizer_train, cfg, corpus, out, tracker_for(cfg, cfg.workdir))
+    shown = {k: round(v, 4) for k, v in result.summary.items() if isinstance(v, float)}
+    typer.echo(f"tokenizer -> {out / 'tokenizer'}  {shown}  (MLflow run {result.run_id})")
+
+
 @app.command()
 def pipeline(
     config: ConfigOpt = None,

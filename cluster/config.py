@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 
 from corpus_builder.config import CorpusConfig, StrictModel, SynthConfig
 from corpus_builder.errors import InputError
+from tokenizer_train.config import TokenizerTrainConfig
 
 
 class ConfigError(InputError):
@@ -34,6 +35,8 @@ class PipelineConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     synth: SynthConfig = SynthConfig()
     corpus: CorpusConfig = CorpusConfig()
+    tokenizer: TokenizerTrainConfig = TokenizerTrainConfig()
+    workers: int = Field(0, ge=0, description="Ray Train workers for training stages; 0 = in-process")
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.config import PipelineConfig, flatten, save_resolved
+from cluster.launch import mlflow_logger, run_training
 from cluster.progress import no_progress
 from cluster.tracking import StageRun, Tracker
 from corpus_builder.build import build_corpus
@@ -95,6 +96,24 @@ def run_corpus_build(cfg: PipelineConfig, specs: list[str], out: Path, tracker: 
         return StageResult("corpus", out, run.run_id, summary)
 
 
+def run_tokenizer_train(cfg: PipelineConfig, corpus: Path, out: Path, tracker: Tracker,
+                        parent: StageRun | None = None, input_run_id: str | None = None) -> StageResult:
+    """Stage 1: the text-aligned brain tokenizer (DeepSpeed; in-process or `workers` Ray Train workers)."""
+    from tokenizer_train.train import train
+
+    params = {**flatten(cfg.tokenizer), "workers": cfg.workers}
+    with tracker.run("tokenizer", parent=parent, params=params, input_run_id=input_run_id) as run:
+        resolved = save_resolved(cfg, out)
+        metrics = run_training(train, cfg.tokenizer, corpus, out, workers=cfg.workers,
+                               log_fn=mlflow_logger(tracker, run.run_id), storage=out / "ray", name="tokenizer")
+        summary = {k.removeprefix("val/"): v for k, v in metrics.items()}
+        (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+        run.log_artifact(out / "tokenizer")
+        run.log_artifact(out / "metrics.json")
+        run.log_artifact(resolved)
+        return StageResult("tokenizer", out, run.run_id, summary)
+
+
 def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_progress) -> PipelineResult:
     """Run every stage that the config enables, in order, under one parent MLflow run."""
     workdir = Path(workdir or cfg.workdir)
@@ -111,8 +130,11 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_p
             if cfg.synth.format == "nifti":  # the synthetic cohort brings its own atlas
                 cfg = cfg.model_copy(deep=True)
                 cfg.corpus.source.atlas = atlas_config(synth.out)
-        result.stages.append(run_corpus_build(cfg, specs, workdir / "corpus", tracker, parent, input_run,
-                                              overwrite=True, progress=progress))
+        corpus = run_corpus_build(cfg, specs, workdir / "corpus", tracker, parent, input_run, overwrite=True,
+                                  progress=progress)
+        result.stages.append(corpus)
+        result.stages.append(run_tokenizer_train(cfg, corpus.out, workdir / "tokenizer", tracker, parent,
+                                                 corpus.run_id))
         summary = {s.name: {"out": str(s.out), "run_id": s.run_id} for s in result.stages}
         (workdir / "pipeline.json").write_text(json.dumps(summary, indent=2))
         parent.log_artifact(workdir / "pipeline.json")

@@ -9,8 +9,11 @@ import pytest
 from cluster.config import load_config
 
 # A small but real pipeline: 4 subjects, short scans, T = 32.
-TINY = ["synth.subjects=4", "synth.length_scale=0.3", "synth.datasets=[UKB,ABCD]",
-        "corpus.source.cleaning.length=32"]
+TINY = ["synth.subjects=6", "synth.length_scale=0.3", "synth.datasets=[UKB,ABCD]",
+        "corpus.source.cleaning.length=32", "corpus.splits.fractions=[0.5,0.5,0.0]",
+        "tokenizer.model={length: 32, patch: 8, dim: 16, depth: 1, heads: 2, codebook_size: 32, code_dim: 8, "
+        "llm_dim: 16, decoder_depth: 1}", "tokenizer.batch_size=2", "tokenizer.steps=2", "tokenizer.eval_every=2",
+        "tokenizer.checkpoint_every=2", "tokenizer.text.text_batch=32", "tokenizer.deepspeed=null"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,21 +27,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
-def tiny_config(tmp_path):
-    return load_config(Path(__file__).parents[1] / "configs" / "demo.yaml",
-                       TINY + [f"workdir={tmp_path / 'work'}"])
-
-
 @pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory):
-    """One real pipeline run (synth -> Ray corpus build, MLflow sqlite) shared by the tests that inspect it."""
+def tiny_pipeline(tmp_path_factory, tiny_llm_dir):
+    """One real pipeline run (synth -> Ray corpus build -> DeepSpeed tokenizer, MLflow sqlite) shared by the
+    tests that inspect it."""
     import ray
 
     from cluster.pipeline import run_pipeline
 
     work = tmp_path_factory.mktemp("pipeline") / "work"
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", TINY + ["synth.seed=11"])
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml",
+                      TINY + ["synth.seed=11", f"tokenizer.text.llm={tiny_llm_dir}"])
     result = run_pipeline(cfg, work)
     ray.shutdown()
     return cfg, result, work

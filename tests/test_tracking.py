@@ -19,21 +19,25 @@ def test_pipeline_records_parent_children_params_and_lineage(tiny_pipeline):
     assert result.tracking_uri == f"sqlite:///{work.resolve() / 'mlflow.db'}"
     client = MlflowClient(result.tracking_uri)
     runs = runs_by_name(client)
-    assert set(runs) == {"pipeline", "synth", "corpus"}
+    assert set(runs) == {"pipeline", "synth", "corpus", "tokenizer"}
     parent = runs["pipeline"]
     assert parent.info.run_id == result.run_id and parent.info.status == "FINISHED"
     assert PARENT_TAG not in parent.data.tags
-    for child in ("synth", "corpus"):
+    for child in ("synth", "corpus", "tokenizer"):
         assert runs[child].data.tags[PARENT_TAG] == parent.info.run_id
         assert runs[child].info.status == "FINISHED"
     # flattened config as params, --set overrides included
     assert parent.data.params["synth.seed"] == "11"
     assert parent.data.params["corpus.source.cleaning.length"] == "32"
-    assert runs["synth"].data.params["subjects"] == "4"
+    assert runs["synth"].data.params["subjects"] == "6"
     assert runs["corpus"].data.params["source.cleaning.tr"] == "2.0"
     # lineage: the timeseries stage names the run that produced its input
     assert runs["corpus"].data.tags[INPUT_RUN_TAG] == runs["synth"].info.run_id
-    assert runs["corpus"].data.metrics["ok"] == 4
+    assert runs["corpus"].data.metrics["ok"] == 6
+    assert runs["tokenizer"].data.tags[INPUT_RUN_TAG] == runs["corpus"].info.run_id
+    assert runs["tokenizer"].data.params["model.dim"] == "16"
+    assert "val/reconstruction_r2" in runs["tokenizer"].data.metrics
+    assert {"tokenizer", "metrics.json"} <= {a.path for a in client.list_artifacts(runs["tokenizer"].info.run_id)}
     artifacts = {a.path for a in client.list_artifacts(runs["corpus"].info.run_id)}
     assert {"norms.json", "summary.json", "rois.tsv", "reference.npz", "config.resolved.yaml"} <= artifacts
     # the resolved config sits next to every output
