@@ -135,3 +135,20 @@ def test_ray_train_two_workers_zero_stage_trains_and_exports(corpus, tiny_llm_di
 
     tok = BrainTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
     assert tok.encode(torch.zeros(T, 450)).shape == (4, 450)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_run_the_same_code(corpus, tiny_llm_dir, tmp_path):
+    root = Path(__file__).parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "cluster.cli",
+           "tokenizer", "train", "--corpus", str(corpus), "--out", str(tmp_path / "out"),
+           "--deepspeed", str(root / "configs" / "deepspeed" / "zero2.json"), "--set", f"workdir={tmp_path / 'w'}",
+           "--set", "tokenizer.model={length: 32, patch: 8, dim: 16, depth: 1, heads: 2, codebook_size: 32, "
+           "code_dim: 8, llm_dim: 16, decoder_depth: 1}", "--set", f"tokenizer.text.llm={tiny_llm_dir}",
+           "--set", "tokenizer.steps=4", "--set", "tokenizer.batch_size=2", "--set", "tokenizer.checkpoint_every=2",
+           "--set", "tokenizer.eval_every=4", "--set", "tokenizer.text.text_batch=32"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=root, timeout=600)
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    from tokenizer_train import BrainTokenizer
+
+    assert BrainTokenizer.from_pretrained(tmp_path / "out" / "tokenizer").encode(torch.zeros(T, 450)).shape == (4, 450)
