@@ -99,7 +99,8 @@ def test_bad_input_fails_before_any_step(corpus, tiny_llm_dir, tmp_path):
 
 
 def test_export_loads_in_a_fresh_process_and_encodes_a_scan(corpus, tiny_llm_dir, tmp_path):
-    train(tiny_cfg(tiny_llm_dir, steps=2), corpus, tmp_path / "out", LocalRuntime(tmp_path / "ckpt"))
+    model = {**tiny_cfg(tiny_llm_dir).model.model_dump(), "roi_embedding": "gradients"}  # fixed from the corpus
+    train(tiny_cfg(tiny_llm_dir, steps=2, model=model), corpus, tmp_path / "out", LocalRuntime(tmp_path / "ckpt"))
     code = (
         "import sys, numpy as np\n"
         "from tokenizer_train import BrainTokenizer\n"

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from corpus_builder.config import DescriptorConfig
 from corpus_builder.errors import InputError
+from corpus_builder.norms import load_reference
 from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.data import ScanBatches
 from tokenizer_train.losses import (
@@ -43,10 +45,10 @@ CLIENT_STATE = "fmrilm_state.json"
 class Stage1(nn.Module):
     """Everything stage 1 trains; `forward` returns the losses of one batch."""
 
-    def __init__(self, cfg: TokenizerTrainConfig, caption_dim: int):
+    def __init__(self, cfg: TokenizerTrainConfig, caption_dim: int, roi_gradients: np.ndarray | None = None):
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = BrainTokenizer(cfg.model)
+        self.tokenizer = BrainTokenizer(cfg.model, roi_gradients=roi_gradients)
         self.domain = DomainClassifier(cfg.model.llm_dim, cfg.loss.domain_hidden)
         self.siglip = SigLipLoss()
         self.caption_proj = CaptionProjection(caption_dim, cfg.model.llm_dim)
@@ -166,7 +168,10 @@ def train(cfg: TokenizerTrainConfig, corpus: Path, out: Path, runtime: Runtime) 
     text = TextSide(cfg, corpus, train_data)
 
     torch.manual_seed(cfg.seed)
-    engine, _ = build_engine(Stage1(cfg, text.captions.dim), cfg)
+    roi_gradients = None
+    if m.roi_embedding == "gradients":  # the corpus's reference gradients, fitted on its reference cohort
+        roi_gradients = load_reference(corpus / "reference.npz", DescriptorConfig()).gradients
+    engine, _ = build_engine(Stage1(cfg, text.captions.dim, roi_gradients), cfg)
     start = 0
     if latest is not None:
         engine.load_checkpoint(str(latest), tag="engine")
