@@ -113,7 +113,7 @@ def test_bad_scans_are_recorded(cohort, tmp_path):
     scans = pd.read_parquet(out / "scans.parquet")
     assert len(scans) == 6 and (scans["status"] == "failed").sum() == 5
     reasons = scans["error"].dropna().tolist()
-    assert any("no row for sub-" in e for e in reasons)
+    assert any("subject has no row in participants.tsv" in e for e in reasons)
     assert any("RepetitionTime" in e for e in reasons)
     assert any("400 columns but 450 ROI labels" in e for e in reasons)
     assert any("non-finite" in e for e in reasons)

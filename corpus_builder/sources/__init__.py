@@ -9,6 +9,7 @@ Discovery never reads the big files and never raises for a single bad scan: it r
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,12 @@ def load_scan(record: ScanRecord, cfg: SourceConfig) -> RawScan:
     return SOURCES[record.loader].load(record, cfg)
 
 
+def _without_paths(message: str) -> str:
+    """First line of a library error with file paths cut out: paths can hold raw subject ids."""
+    first = message.splitlines()[0] if message else ""
+    return re.sub(r"(?:[A-Za-z]+://)?/[^\s'\"]+", "<path>", first)
+
+
 def extract(record: ScanRecord, cfg: SourceConfig) -> tuple[np.ndarray | None, list[str] | None]:
     """Load and clean one scan. On failure sets `record.error` (one line, naming the file) and returns
     (None, None); the caller records it and goes on."""
@@ -80,7 +87,7 @@ def extract(record: ScanRecord, cfg: SourceConfig) -> tuple[np.ndarray | None, l
         record.fail(str(exc))
         return None, None
     except (OSError, ValueError, EOFError) as exc:  # unreadable / corrupt files
-        record.fail(f"unreadable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
+        record.fail(f"unreadable: {type(exc).__name__}: {_without_paths(str(exc))}".rstrip(": "))
         return None, None
     record.qc.update(qc)
     return x, labels

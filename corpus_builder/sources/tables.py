@@ -90,7 +90,7 @@ def discover(root: Path, cfg: SourceConfig, pseudonymize) -> list[ScanRecord]:
         if "atlas" in ent and networks.is_file():
             record.extra["networks"] = str(networks)
         if row is None:
-            records.append(record.fail(f"no row for sub-{subject} in participants.tsv"))
+            records.append(record.fail("subject has no row in participants.tsv"))
             continue
         record.site = row.get("site") if isinstance(row.get("site"), str) else None
         record.phenotypes = phenotypes_of(row)
@@ -98,7 +98,7 @@ def discover(root: Path, cfg: SourceConfig, pseudonymize) -> list[ScanRecord]:
         try:
             record.tr = float(json.loads(sidecar.read_text())["RepetitionTime"])
         except (OSError, KeyError, ValueError, TypeError):
-            records.append(record.fail(f"missing RepetitionTime (sidecar {sidecar.name})"))
+            records.append(record.fail("missing RepetitionTime in its .json sidecar"))
             continue
         confounds = sorted(path.parent.glob(f"sub-{subject}*_desc-confounds_timeseries.tsv"))
         run_tag = f"_run-{ent['run']}" if "run" in ent else ""
