@@ -34,7 +34,6 @@ from corpus_builder.synth import (
     PROFILES,
     _bold_noise,
     _motion,
-    _subject_id,
     group_fc,
     nearest_correlation,
     planted_effect,
@@ -145,26 +144,9 @@ def write_nifti_cohort(cfg: SynthConfig, root: Path, progress=None) -> pd.DataFr
     for i in range(cfg.subjects):
         dataset = cfg.datasets[i % len(cfg.datasets)]
         prof = PROFILES[dataset]
-        while (sid := _subject_id(rng, prof.id_style)) in used_ids:
-            pass
-        used_ids.add(sid)
-        site = f"{dataset}-site{rng.integers(prof.sites) + 1}"
-        if site not in site_fc:
-            noise = rng.normal(0, 0.02, base.shape)
-            site_fc[site] = ((noise + noise.T) / 2, rng.uniform(0.7, 1.3))
-        sex = "M" if rng.random() < 0.5 else "F"
-        age = float(rng.uniform(*prof.age))
-        age_z = (age - np.mean(prof.age)) / (np.ptp(prof.age) / np.sqrt(12))
-        fi_z = float(rng.standard_normal())
-        diagnosis = None
-        if prof.diagnosis is not None:
-            diagnosis = prof.diagnosis if rng.random() < 0.5 else "CN"
-        rows.append({
-            "participant_id": f"sub-{sid}", "sex": sex, "age": round(age, 1),
-            "fluid_intelligence": int(np.clip(round(6 + 2 * fi_z), 0, 13)) if dataset == "UKB" else
-            round(100 + 15 * fi_z, 1),
-            "diagnosis": diagnosis if diagnosis is not None else "n/a", "site": site, "dataset": dataset,
-        })
+        row, (sex, age_z, fi_z, diagnosis) = synth.draw_subject(rng, dataset, used_ids, site_fc, base.shape)
+        sid, site = row["participant_id"].removeprefix("sub-"), row["site"]
+        rows.append(row)
         effect = planted_effect(networks, sex, age_z, fi_z, diagnosis, cfg.effects)
         individual = rng.normal(0, 0.015, base.shape)
         site_offset, amplitude = site_fc[site]
