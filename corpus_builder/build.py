@@ -105,7 +105,7 @@ def extract_shard(shard: Shard, cfg: CorpusConfig, out: Path) -> dict:
         failures[rec.key] = {"error": rec.error, "qc": rec.qc}
     ts[shard.row0:shard.row0 + len(block)] = block
     result = {"scans": failures, "labels": labels, "networks": networks}
-    marker.write_text(json.dumps(result, sort_keys=True))
+    _write_atomic(marker, json.dumps(result, sort_keys=True))
     return result
 
 
@@ -126,7 +126,7 @@ def describe_shard(shard: Shard, ok_rows: list[int], cfg: CorpusConfig, out: Pat
         missing[shard.records[row - shard.row0].key] = d.missing
     group["descriptors"][shard.row0:shard.row0 + n] = desc
     group["fc_pairs"][shard.row0:shard.row0 + n] = pairs
-    marker.write_text(json.dumps(missing, sort_keys=True))
+    _write_atomic(marker, json.dumps(missing, sort_keys=True))
 
 
 def write_shard(shard: Shard, split_of: dict[str, str], extracted: dict, cfg: CorpusConfig, out: Path,
@@ -185,8 +185,15 @@ def write_shard(shard: Shard, split_of: dict[str, str], extracted: dict, cfg: Co
     stats = {"shard": shard.name, "split": shard.split, "scans": n, "ok": n - sum(failures.values()),
              "failed": sum(failures.values()), "failed_by_reason": dict(sorted(failures.items())),
              "write_seconds": round(time.perf_counter() - start, 3)}
-    marker.write_text(json.dumps(stats, sort_keys=True, indent=1))  # last: the completion marker
+    _write_atomic(marker, json.dumps(stats, sort_keys=True, indent=1))  # last: the completion marker
     return stats
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write then rename: a kill -9 mid-write never leaves a truncated marker that would block every resume."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _json(obj) -> bytes:
@@ -291,7 +298,8 @@ def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, 
                                      replace=False))
         ts = zarr.open_group(out / "timeseries.zarr", mode="r")["ts"]
         reference = fit_reference([ts[row_of[k]] for k in fit_keys], rois["network"].to_numpy(), cfg.descriptors, seed)
-        save_reference(reference, out / "reference.npz")
+        save_reference(reference, out / "reference.tmp.npz")
+        os.replace(out / "reference.tmp.npz", out / "reference.npz")
 
     ok_rows = {s.name: [row_of[r.key] for r in s.records if not extracted[r.key]["error"]] for s in shards}
     _gather([remote_describe.remote(s, ok_rows[s.name], cfg, out) for s in shards], progress, weights)
@@ -300,7 +308,8 @@ def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, 
         desc, pairs = group["descriptors"][:], group["fc_pairs"][:]
         cohort = [Descriptors(dict(zip(DESCRIPTOR_NAMES, desc[row_of[k]].astype(float))),
                               dict(zip(PAIR_NAMES, pairs[row_of[k]].astype(float))), {}) for k in reference_keys]
-        Norms.fit(cohort, f"{cfg.reference.dataset or 'all'}/train").save(out / "norms.json")
+        Norms.fit(cohort, f"{cfg.reference.dataset or 'all'}/train").save(out / "norms.json.tmp")
+        os.replace(out / "norms.json.tmp", out / "norms.json")
 
     stats = _gather([remote_write.remote(s, split_of, {r.key: extracted[r.key] for r in s.records}, cfg, out, seed)
                      for s in shards], progress, weights)
@@ -324,9 +333,9 @@ def _init_ray(address: str | None, cfg: CorpusConfig) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=cfg.build.workers or None, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+    else:  # "local": a bare ray.init() would attach to a cluster `ray start` recorded in /tmp/ray
+        ray.init(address="local", num_cpus=cfg.build.workers or None, include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.WARNING)
 
 
 def _gather(refs: list, progress, weights: list[int] | None = None) -> list:
