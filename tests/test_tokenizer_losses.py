@@ -194,7 +194,7 @@ def _siglip_worker(rank: int, world: int, tmp: str) -> None:
 def test_siglip_gathered_over_two_gloo_ranks_equals_the_concatenated_batch(tmp_path):
     world = 2
     mp.spawn(_siglip_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     gen = torch.Generator().manual_seed(0)
     scans, captions = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
