@@ -16,31 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster.tracking import Tracker
+from tokenizer_train.runtime import COMPLETE, LocalRuntime
 
 
-class RayTrainRuntime:
+class RayTrainRuntime(LocalRuntime):
+    """LocalRuntime's logging and checkpoint folders (in a worker-local temp dir), but checkpoints are reported
+    to Ray Train, which merges every rank's files in the run's storage, and resume comes from Ray."""
+
     def __init__(self, log_fn: Callable[[dict[str, float], int], None] | None):
         import ray.train
 
+        super().__init__(Path(tempfile.mkdtemp(prefix="fmrilm-ckpt-")), log_fn)
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        self.log_fn = log_fn
-        self._local = Path(tempfile.mkdtemp(prefix="fmrilm-ckpt-"))
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.rank == 0 and self.log_fn is not None:
-            self.log_fn(metrics, step)
-
-    def checkpoint_dir(self, step: int) -> Path:
-        path = self._local / f"step_{step:08d}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
 
     def commit_checkpoint(self, directory: Path, step: int, metrics: dict[str, float]) -> None:
         import ray.train
 
-        (directory / "complete").write_text(str(step))
+        (directory / COMPLETE).write_text(str(step))
         # every rank reports its own files (DeepSpeed names them per rank); Ray merges them in storage
         ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
@@ -72,8 +66,6 @@ def run_training(train_fn, cfg, corpus: Path, out: Path, *, workers: int, log_fn
                  name: str) -> dict:
     """Run `train_fn(cfg, corpus, out, runtime)` in-process (workers == 0) or on `workers` Ray Train workers."""
     if workers == 0:
-        from tokenizer_train.runtime import LocalRuntime
-
         return train_fn(cfg, corpus, out, LocalRuntime(out / "checkpoints", log_fn))
 
     import ray

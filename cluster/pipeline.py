@@ -84,7 +84,7 @@ def run_corpus_build(cfg: PipelineConfig, specs: list[str], out: Path, tracker: 
     records = discover_all(specs, cfg.corpus.source)  # bad sources fail before a run is opened
     with tracker.run("corpus", parent=parent, params=flatten(cfg.corpus), input_run_id=input_run_id) as run:
         with progress("corpus: scans x 3 passes", 3 * len(records)) as advance:
-            summary = build_corpus(specs, cfg.corpus, out, cfg.seed, overwrite, advance, ray_address)
+            summary = build_corpus(specs, cfg.corpus, out, cfg.seed, overwrite, advance, ray_address, records)
         resolved = save_resolved(cfg, out)
         run.log_metrics({k: summary[k] for k in ("scans", "ok", "failed", "shards", "seconds", "scans_per_s")}
                         | {f"split.{k}": v for k, v in summary["splits"].items()})

@@ -240,14 +240,14 @@ def _create_arrays(out: Path, n_rows: int, shard_size: int, cfg: CorpusConfig, k
 
 
 def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, overwrite: bool = False,
-                 progress=None, ray_address: str | None = None) -> dict:
+                 progress=None, ray_address: str | None = None, records: list[ScanRecord] | None = None) -> dict:
     """Build the corpus into `out`; returns the summary.
 
     `progress(n)` is called as shards finish each of the three passes (3 x scans in all).
     """
     start = time.perf_counter()
     out = Path(out)
-    records = discover_all(specs, cfg.source)
+    records = records if records is not None else discover_all(specs, cfg.source)  # callers may have discovered
     fingerprint = config_fingerprint(cfg, specs)
     _prepare_out(out, fingerprint, overwrite)
     (out / "build.json").write_text(json.dumps({"fingerprint": fingerprint, "sources": specs}, indent=1))
