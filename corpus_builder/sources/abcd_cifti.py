@@ -45,7 +45,7 @@ from corpus_builder.atlas import atlas_order, read_networks
 from corpus_builder.config import SourceConfig
 from corpus_builder.errors import InputError
 from corpus_builder.records import RawScan, ScanError, ScanRecord
-from corpus_builder.sources.tables import entities, phenotypes_of, read_participants
+from corpus_builder.sources.tables import apply_participant, entities, read_participants
 
 DATASET = "ABCD"
 PATTERN = "*_task-rest*bold*.dtseries.nii"
@@ -205,8 +205,7 @@ def discover(root: Path, cfg: SourceConfig, pseudonymize) -> list[ScanRecord]:
             if row is None:
                 records.append(record.fail(f"subject has no row for ses-{session} in participants.tsv"))
                 continue
-            record.site = row.get("site") if isinstance(row.get("site"), str) else None
-            record.phenotypes = phenotypes_of(row)
+            apply_participant(record, row)
         records.append(record)
     return records
 

@@ -26,7 +26,7 @@ from corpus_builder.sources.fmriprep import (
     run_label,
     sidecar_tr,
 )
-from corpus_builder.sources.tables import phenotypes_of, read_participants
+from corpus_builder.sources.tables import apply_participant, read_participants
 
 DATASET = "ABCD"
 BOLD_SUFFIXES = ("_space-MNI_bold.nii.gz", "_space-MNI_bold.nii")
@@ -52,8 +52,7 @@ def discover(root: Path, cfg: SourceConfig, pseudonymize) -> list[ScanRecord]:
             if row is None:
                 records.append(record.fail(f"subject has no row in {table.name}"))
                 continue
-            record.site = row.get("site") if isinstance(row.get("site"), str) else None
-            record.phenotypes = phenotypes_of(row)
+            apply_participant(record, row)
         confounds = find_confounds(bold)
         if confounds is not None:
             record.extra["confounds"] = str(confounds)

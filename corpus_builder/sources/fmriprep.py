@@ -25,7 +25,7 @@ from corpus_builder.config import SourceConfig
 from corpus_builder.errors import InputError
 from corpus_builder.nifti import LabelAtlas, check_atlas, load_image, read_scan
 from corpus_builder.records import RawScan, ScanError, ScanRecord
-from corpus_builder.sources.tables import phenotypes_of, read_participants
+from corpus_builder.sources.tables import apply_participant, read_participants
 
 BOLD_SUFFIXES = ("_desc-preproc_bold.nii.gz", "_desc-preproc_bold.nii")
 CONFOUND_SUFFIXES = ("_desc-confounds_timeseries.tsv", "_desc-confounds_regressors.tsv")
@@ -167,8 +167,7 @@ def discover(root: Path, cfg: SourceConfig, pseudonymize) -> list[ScanRecord]:
         if row is None:
             records.append(record.fail(f"subject has no row in {table.name}"))
             continue
-        record.site = row.get("site") if isinstance(row.get("site"), str) else None
-        record.phenotypes = phenotypes_of(row)
+        apply_participant(record, row)
         confounds = find_confounds(bold)
         if confounds is not None:
             record.extra["confounds"] = str(confounds)

@@ -33,7 +33,7 @@ from corpus_builder.config import SourceConfig
 from corpus_builder.errors import InputError
 from corpus_builder.records import RawScan, ScanError, ScanRecord
 from corpus_builder.sources.abcd_cifti import participant_row
-from corpus_builder.sources.tables import phenotypes_of, read_participants
+from corpus_builder.sources.tables import apply_participant, read_participants
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ def discover(root: Path, cfg: SourceConfig, pseudonymize) -> list[ScanRecord]:
                 if row is None:
                     records.append(record.fail(f"{name}: subject has no row in participants.tsv"))
                     continue
-                record.site = row.get("site") if isinstance(row.get("site"), str) else None
-                record.phenotypes = phenotypes_of(row)
+                apply_participant(record, row)
             records.append(record)
     return records
 

@@ -75,6 +75,12 @@ def phenotypes_of(row: pd.Series) -> dict:
     return out
 
 
+def apply_participant(record: ScanRecord, row: pd.Series) -> None:
+    """Site and canonical phenotypes of a participants row onto a record (shared by every source)."""
+    record.site = row.get("site") if isinstance(row.get("site"), str) else None
+    record.phenotypes = phenotypes_of(row)
+
+
 def discover(root: Path, cfg: SourceConfig, pseudonymize) -> list[ScanRecord]:
     participants = read_participants(root / "participants.tsv")
     records = []
@@ -92,8 +98,7 @@ def discover(root: Path, cfg: SourceConfig, pseudonymize) -> list[ScanRecord]:
         if row is None:
             records.append(record.fail("subject has no row in participants.tsv"))
             continue
-        record.site = row.get("site") if isinstance(row.get("site"), str) else None
-        record.phenotypes = phenotypes_of(row)
+        apply_participant(record, row)
         sidecar = path.with_name(_stem(path) + ".json")
         try:
             record.tr = float(json.loads(sidecar.read_text())["RepetitionTime"])
