@@ -53,7 +53,7 @@ def test_output_shapes(model):
     assert out.codes.shape == (B, W, N) and out.codes.dtype == torch.long
     assert int(out.codes.min()) >= 0 and int(out.codes.max()) < c.codebook_size
     assert out.quantized.shape == out.pre_quant.shape == (B, W, N, c.code_dim)
-    assert out.llm_tokens.shape == out.llm_pre_quant.shape == (B, W, N, c.llm_dim)
+    assert out.llm_tokens.shape == out.llm_latents.shape == (B, W, N, c.llm_dim)
     assert out.pooled.shape == (B, c.llm_dim)
     assert out.recon.shape == (B, T, N)
     assert out.commit_loss.ndim == 0 and 0 <= out.commit_loss.item() <= 4
@@ -66,6 +66,23 @@ def test_output_shapes(model):
     torch.testing.assert_close(out.quantized, model.quantizer.lookup(out.codes))
     assert model.codebook.shape == (c.codebook_size, c.llm_dim)
     assert model.quantizer.codebook.shape == (c.codebook_size, c.code_dim)
+
+
+def test_domain_view_of_text_is_the_orthogonal_projection_onto_the_reachable_subspace(model):
+    """code_dim 16 < llm_dim 24: codes reach only {W c + b}; the classifier sees text where codes can be."""
+    text = 3 * torch.randn(40, model.config.llm_dim, generator=torch.Generator().manual_seed(1))
+    out = model(batch(), text)
+    view, weight, bias = out.text_view, model.to_llm.weight.detach(), model.to_llm.bias.detach()
+    coef = torch.linalg.lstsq(weight, (view - bias).T).solution
+    torch.testing.assert_close((weight @ coef).T + bias, view, atol=1e-4, rtol=1e-4)  # inside the subspace
+    torch.testing.assert_close(weight.T @ (text - view).T, torch.zeros(weight.shape[1], len(text)),
+                               atol=1e-4, rtol=0)  # what is dropped is orthogonal to it
+    torch.testing.assert_close(model.to_llm.text_view(view), view, atol=1e-4, rtol=1e-4)  # a projection
+    torch.testing.assert_close(out.llm_latents, model.to_llm(model.quantizer_inputs(batch())))
+    assert not torch.allclose(view, text)
+
+    wide = BrainTokenizer(tiny_config(code_dim=24))  # the codes' space covers the LLM's: text as it is
+    assert torch.equal(wide(batch(), text).text_view, text)
 
 
 def test_bad_input_shape_is_a_clear_error(model):

@@ -1,9 +1,13 @@
 """The brain tokenizer: ROI time series X [T, N] -> discrete codes [W, N] a pretrained LLM can read.
 
     X [B, T, N] --pad T to W*P--> patches [B, W, N, P] --Linear(P, dim)--> + ROI embedding + time-step embedding
-      -> tokens [B, W*N, dim] -> pre-norm Transformer encoder -> Linear(dim, code_dim) -> VectorQuantizer
-      -> codes [B, W, N]; code vectors -> to_llm -> the LLM's embedding space (llm_dim)
+      -> tokens [B, W*N, dim] -> pre-norm Transformer encoder -> Linear(dim, code_dim) = quantiser inputs z
+      -> VectorQuantizer (cosine lookup on z / |z|) -> codes [B, W, N]
+      -> code vectors -> to_llm -> the LLM's embedding space (llm_dim)
       -> light Transformer decoder -> Linear(dim, P) -> X_hat [B, T, N]
+
+The domain classifier of stage 1 compares to_llm(z) with text-token embeddings seen through `LLMProjection.
+text_view` (see there: why a code space narrower than the LLM's needs it).
 
 Token order is TIME-MAJOR, the F2F convention of the whole system (DESIGN 3.6): the token of step w (patch
 w*P..w*P+P-1 along time) and ROI n (atlas order) sits at sequence index `token_index(w, n, N) = w * N + n`.
@@ -40,9 +44,10 @@ def token_position(index: int, n_rois: int) -> tuple[int, int]:
 class TokenizerOutput:
     codes: Tensor          # [B, W, N] long
     quantized: Tensor      # [B, W, N, code_dim], code vectors with straight-through gradients
-    pre_quant: Tensor      # [B, W, N, code_dim], l2-normalised encoder output
+    pre_quant: Tensor      # [B, W, N, code_dim], l2-normalised quantiser inputs (what the lookup compares)
     llm_tokens: Tensor     # [B, W, N, llm_dim] = to_llm(quantized)
-    llm_pre_quant: Tensor  # [B, W, N, llm_dim] = to_llm(pre_quant), what the domain classifier sees
+    llm_latents: Tensor    # [B, W, N, llm_dim] = to_llm(z), z the raw quantiser inputs: the domain classifier's fMRI
+    text_view: Tensor | None  # [M, llm_dim]: the text embeddings given to forward, as the classifier sees them
     pooled: Tensor         # [B, llm_dim], mean of llm_tokens over W and N (contrastive loss)
     recon: Tensor          # [B, T, N]
     commit_loss: Tensor    # scalar
@@ -97,6 +102,33 @@ class PositionEmbedding(nn.Module):
         return self.time[:, None, :] + roi[None, :, :]
 
 
+class LLMProjection(nn.Linear):
+    """`to_llm`: code space (code_dim) -> the LLM's embedding space (llm_dim), and the classifier's view of text.
+
+    With code_dim < llm_dim everything the tokenizer puts into the LLM's space lies in the code_dim-dimensional
+    affine subspace {W c + b}. Text-token embeddings spread over all llm_dim dimensions, so a domain classifier
+    shown them whole wins from the dimensions no code can reach, and its reversed gradient can teach the encoder
+    nothing. `text_view` therefore projects text embeddings orthogonally onto that subspace,
+    ``b + Q Q^T (t - b)`` with Q an orthonormal basis of W's columns (detached: the text side is a fixed target),
+    and the two domains are compared where they can meet. With code_dim >= llm_dim the view is the identity.
+
+    `forward(x, text)` returns ``(to_llm(x), text_view(text))`` in one call: DeepSpeed ZeRO-3 gathers W and b
+    only inside this module's forward.
+    """
+
+    def forward(self, x: Tensor, text: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        y = super().forward(x)
+        return y if text is None else (y, self.text_view(text))
+
+    def text_view(self, text: Tensor) -> Tensor:
+        if self.in_features >= self.out_features:
+            return text
+        basis, _ = torch.linalg.qr(self.weight.detach().float())  # [llm_dim, code_dim], orthonormal columns
+        bias = self.bias.detach().float()
+        centred = text.detach().float() - bias
+        return (bias + (centred @ basis) @ basis.T).to(text.dtype)
+
+
 class BrainTokenizer(nn.Module):
     def __init__(self, config: TokenizerModelConfig, roi_gradients: np.ndarray | Tensor | None = None):
         super().__init__()
@@ -115,7 +147,7 @@ class BrainTokenizer(nn.Module):
         self.to_code = nn.Linear(c.dim, c.code_dim)
         self.quantizer = VectorQuantizer(c.codebook_size, c.code_dim, c.ema_decay, c.kmeans_init,
                                          c.kmeans_iters, c.dead_code_threshold)
-        self.to_llm = nn.Linear(c.code_dim, c.llm_dim)
+        self.to_llm = LLMProjection(c.code_dim, c.llm_dim)
         self.from_code = nn.Linear(c.code_dim, c.dim)
         self.decoder = nn.ModuleList(Block(c.dim, c.heads, c.mlp_ratio, c.dropout) for _ in range(c.decoder_depth))
         self.decoder_norm = nn.LayerNorm(c.dim)
@@ -172,13 +204,16 @@ class BrainTokenizer(nn.Module):
 
     # Encoder / decoder
 
-    def encode_latents(self, x: Tensor) -> Tensor:
-        """X [B, T, N] -> l2-normalised encoder output [B, W, N, code_dim]."""
+    def quantizer_inputs(self, x: Tensor) -> Tensor:
+        """X [B, T, N] -> z [B, W, N, code_dim], the encoder output the quantiser receives (not normalised)."""
         h = self.embed_tokens(x)
         for block in self.encoder:
             h = block(h)
-        z = self.to_code(self.encoder_norm(h))
-        return F.normalize(z, dim=-1).view(x.shape[0], self.n_steps, self.config.n_rois, -1)
+        return self.to_code(self.encoder_norm(h)).view(x.shape[0], self.n_steps, self.config.n_rois, -1)
+
+    def encode_latents(self, x: Tensor) -> Tensor:
+        """X [B, T, N] -> l2-normalised quantiser inputs [B, W, N, code_dim] (the cosine lookup's view of z)."""
+        return F.normalize(self.quantizer_inputs(x), dim=-1)
 
     def decode_vectors(self, quantized: Tensor) -> Tensor:
         """Code vectors [B, W, N, code_dim] -> X_hat [B, T, N]."""
@@ -188,14 +223,19 @@ class BrainTokenizer(nn.Module):
         patches = self.to_patch(self.decoder_norm(h))
         return self.unpatchify(patches.view(*quantized.shape[:3], self.config.patch))
 
-    def forward(self, x: Tensor) -> TokenizerOutput:
-        """X [B, T, N] -> TokenizerOutput. In training mode the codebook's EMA state moves (see quantizer)."""
-        pre_quant = self.encode_latents(x)
-        quantized, codes, commit_loss, stats = self.quantizer(pre_quant)
+    def forward(self, x: Tensor, text: Tensor | None = None) -> TokenizerOutput:
+        """X [B, T, N] (and text-token embeddings [M, llm_dim] for the domain classifier) -> TokenizerOutput.
+        In training mode the codebook's EMA state moves (see quantizer)."""
+        z = self.quantizer_inputs(x)
+        quantized, codes, commit_loss, stats = self.quantizer(z)  # normalises z for the cosine lookup
         llm_tokens = self.to_llm(quantized)
+        if text is None:
+            llm_latents, text_view = self.to_llm(z), None
+        else:
+            llm_latents, text_view = self.to_llm(z, text)
         return TokenizerOutput(
-            codes=codes, quantized=quantized, pre_quant=pre_quant, llm_tokens=llm_tokens,
-            llm_pre_quant=self.to_llm(pre_quant), pooled=llm_tokens.mean(dim=(1, 2)),
+            codes=codes, quantized=quantized, pre_quant=F.normalize(z, dim=-1), llm_tokens=llm_tokens,
+            llm_latents=llm_latents, text_view=text_view, pooled=llm_tokens.mean(dim=(1, 2)),
             recon=self.decode_vectors(quantized), commit_loss=commit_loss, vq_stats=stats)
 
     # The exported interface (DESIGN 3.5)

@@ -3,7 +3,7 @@ as the first thing it does (torchtitan style). The same code runs in one process
 Ray Train workers: the caller sets up the process group environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and
 hands in a `Runtime`.
 
-Every trainable part (tokenizer, domain classifier, SigLIP temperature/bias, caption projection) lives in one
+Every trainable part (tokenizer, domain classifier, SigLIP temperature/bias, scan and caption heads) lives in one
 `Stage1` module, so the DeepSpeed optimizer provably holds all of them (the reference implementation left its
 projection heads out of the optimizer). The LLM embedding matrix and the caption encoder are frozen and live
 outside the engine.
@@ -30,6 +30,7 @@ from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.data import ScanBatches
 from tokenizer_train.losses import (
     DomainClassifier,
+    ScanHead,
     SigLipLoss,
     dann_lambda,
     domain_loss,
@@ -37,7 +38,14 @@ from tokenizer_train.losses import (
 )
 from tokenizer_train.model import BrainTokenizer
 from tokenizer_train.runtime import Runtime
-from tokenizer_train.text import CaptionEncoder, CaptionProjection, TextEmbeddingSampler, load_llm, read_text_corpus
+from tokenizer_train.text import (
+    DEFAULT_TEXT_CORPUS,
+    CaptionEncoder,
+    CaptionProjection,
+    TextEmbeddingSampler,
+    load_llm,
+    read_text_corpus,
+)
 
 CLIENT_STATE = "fmrilm_state.json"
 
@@ -51,21 +59,22 @@ class Stage1(nn.Module):
         self.tokenizer = BrainTokenizer(cfg.model, roi_gradients=roi_gradients)
         self.domain = DomainClassifier(cfg.model.llm_dim, cfg.loss.domain_hidden)
         self.siglip = SigLipLoss()
+        self.scan_proj = ScanHead(cfg.model.llm_dim)
         self.caption_proj = CaptionProjection(caption_dim, cfg.model.llm_dim)
 
     def forward(self, x: torch.Tensor, caption_emb: torch.Tensor, text_emb: torch.Tensor, lam: float,
                 generator: torch.Generator) -> dict[str, torch.Tensor]:
         w = self.cfg.loss
-        out = self.tokenizer(x)
+        out = self.tokenizer(x, text_emb if w.domain > 0 else None)
         losses = {"reconstruction": F.mse_loss(out.recon, x), "commitment": out.commit_loss}
         total = w.reconstruction * losses["reconstruction"] + w.commitment * losses["commitment"]
         if w.domain > 0:
-            latents = out.llm_pre_quant.reshape(-1, out.llm_pre_quant.shape[-1])
+            latents = out.llm_latents.reshape(-1, out.llm_latents.shape[-1])
             pick = torch.randint(len(latents), (min(len(latents), len(text_emb)),), generator=generator)
-            losses["domain"], losses["domain_accuracy"] = domain_loss(self.domain, latents[pick], text_emb, lam)
+            losses["domain"], losses["domain_accuracy"] = domain_loss(self.domain, latents[pick], out.text_view, lam)
             total = total + w.domain * losses["domain"]
         if w.contrastive > 0:
-            losses["siglip"] = self.siglip(out.pooled, self.caption_proj(caption_emb))
+            losses["siglip"] = self.siglip(self.scan_proj(out.pooled), self.caption_proj(caption_emb))
             total = total + w.contrastive * losses["siglip"]
         losses["loss"] = total
         losses.update({f"vq_{k}": torch.as_tensor(float(v)) for k, v in out.vq_stats.items()})
@@ -123,10 +132,11 @@ class TextSide:
         if llm.embeddings.shape[1] != cfg.model.llm_dim:
             raise InputError(f"model.llm_dim is {cfg.model.llm_dim} but the LLM's embeddings are "
                              f"{llm.embeddings.shape[1]}-d")
-        if cfg.text.text_corpus:
-            texts, source = read_text_corpus(cfg.text.text_corpus), str(cfg.text.text_corpus)
-        else:
+        if cfg.text.text_corpus == "captions":
             texts, source = list(train.caption_of.values()), f"captions of {corpus}"
+        else:
+            path = cfg.text.text_corpus or DEFAULT_TEXT_CORPUS
+            texts, source = read_text_corpus(path), str(path)
         self.sampler = TextEmbeddingSampler.from_corpus(llm.tokenizer, llm.embeddings, texts, source=source)
         self.captions = CaptionEncoder(cfg.text.caption_encoder, llm=llm if cfg.text.caption_encoder == "llm" else None)
 
@@ -233,21 +243,23 @@ def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: Sc
     sse = sst = 0.0
     counts = torch.zeros(cfg.model.codebook_size)
     scans, caps, domain_acc, siglip = [], [], [], []
+    device = module.tokenizer.patch_embed.weight.device
     with _gathered(module):
         for x, captions, _ in data.all(max_scans):
-            out = module.tokenizer(x)
+            x = x.to(device)
+            out = module.tokenizer(x, text.text_batch(cfg.text.text_batch, generator).to(device))
             sse += float(((out.recon - x) ** 2).sum())
             sst += float(((x - x.mean(dim=(1, 2), keepdim=True)) ** 2).sum())
-            counts += torch.bincount(out.codes.flatten(), minlength=cfg.model.codebook_size).float()
-            latents = out.llm_pre_quant.reshape(-1, out.llm_pre_quant.shape[-1])
-            text_emb = text.text_batch(cfg.text.text_batch, generator)
-            pick = torch.randint(len(latents), (min(len(latents), len(text_emb)),), generator=generator)
-            domain_acc.append(float(domain_loss(module.domain, latents[pick], text_emb, 0.0)[1]))
-            caption_emb = module.caption_proj(text.caption_batch(captions))
+            counts += torch.bincount(out.codes.flatten().cpu(), minlength=cfg.model.codebook_size).float()
+            latents = out.llm_latents.reshape(-1, out.llm_latents.shape[-1])
+            pick = torch.randint(len(latents), (min(len(latents), len(out.text_view)),), generator=generator)
+            domain_acc.append(float(domain_loss(module.domain, latents[pick], out.text_view, 0.0)[1]))
+            caption_emb = module.caption_proj(text.caption_batch(captions).to(device))
             gather, module.siglip.gather = module.siglip.gather, False  # ranks may hold different val batches
-            siglip.append(float(module.siglip(out.pooled, caption_emb)))
+            scan_emb = module.scan_proj(out.pooled)
+            siglip.append(float(module.siglip(scan_emb, caption_emb)))
             module.siglip.gather = gather
-            scans.append(out.pooled)
+            scans.append(scan_emb)
             caps.append(caption_emb)
     module.train()
     p = counts / counts.sum()
