@@ -64,6 +64,7 @@ def test_every_trainable_parameter_is_in_the_optimizer(tiny_llm_dir):
     assert {n for n, p in module.named_parameters() if p.requires_grad and id(p) not in in_optimizer} == set()
     # the heads the reference implementation forgot are among them
     assert any(n.startswith("caption_proj.") for n in trainable) and any(n.startswith("domain.") for n in trainable)
+    assert any(n.startswith("scan_proj.") for n in trainable)
     assert {"siglip.logit_scale", "siglip.logit_bias"} <= trainable
     assert not any("codebook" in n or n.endswith(".embed") for n in trainable)  # EMA codebook: buffers only
 

@@ -130,6 +130,22 @@ def _gather_with_grad(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
 
 
+class ScanHead(nn.Module):
+    """Trainable head on a scan's pooled token embedding before the SigLIP loss (CLIP-style projection head).
+
+    The mean of thousands of token vectors is dominated by what all scans share; a LayerNorm, then an MLP with
+    biases, lets the loss look at how scans differ instead of at that common part.
+    """
+
+    def __init__(self, dim: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or dim
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net(pooled)
+
+
 class SigLipLoss(nn.Module):
     """Sigmoid contrastive loss (Zhai et al. 2023) between scan and caption embeddings.
 
