@@ -332,6 +332,9 @@ def test_load_llm_from_a_folder_and_the_llm_caption_encoder(tiny_llm_dir):
     proj = CaptionProjection(enc.dim, 24)
     assert isinstance(proj, nn.Module) and sum(p.numel() for p in proj.parameters()) == 16 * 24 + 24
     assert proj(out).shape == (3, 24)
+    proj.set_center(out.mean(0))  # the shared part of the captions is taken out before the projection
+    torch.testing.assert_close(proj(out).mean(0), proj.proj.bias)
+    assert "center" in proj.state_dict() and "center" not in dict(proj.named_parameters())  # saved, not trained
 
     with pytest.raises(FileNotFoundError, match="not-there"):
         load_llm(str(tiny_llm_dir / "not-there"))

@@ -139,6 +139,7 @@ class TextSide:
             texts, source = read_text_corpus(path), str(path)
         self.sampler = TextEmbeddingSampler.from_corpus(llm.tokenizer, llm.embeddings, texts, source=source)
         self.captions = CaptionEncoder(cfg.text.caption_encoder, llm=llm if cfg.text.caption_encoder == "llm" else None)
+        self.caption_mean = self.captions.encode(list(train.caption_of.values())).mean(0)  # also fills the cache
 
     def text_batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return self.sampler.sample(n, generator)
@@ -181,7 +182,9 @@ def train(cfg: TokenizerTrainConfig, corpus: Path, out: Path, runtime: Runtime) 
     roi_gradients = None
     if m.roi_embedding == "gradients":  # the corpus's reference gradients, fitted on its reference cohort
         roi_gradients = load_reference(corpus / "reference.npz", DescriptorConfig()).gradients
-    engine, _ = build_engine(Stage1(cfg, text.captions.dim, roi_gradients), cfg)
+    module = Stage1(cfg, text.captions.dim, roi_gradients)
+    module.caption_proj.set_center(text.caption_mean)
+    engine, _ = build_engine(module, cfg)
     start = 0
     if latest is not None:
         engine.load_checkpoint(str(latest), tag="engine")
