@@ -28,6 +28,7 @@ from tests.conftest import tiny_tokenizer as _tiny_tokenizer  # noqa: E402
 from tokenizer_train.config import TextConfig  # noqa: E402
 from tokenizer_train.losses import (  # noqa: E402
     DomainClassifier,
+    ScanEmbedding,
     SigLipLoss,
     dann_lambda,
     domain_classification_loss,
@@ -224,6 +225,28 @@ def test_siglip_gathered_over_two_gloo_ranks_equals_the_concatenated_batch(tmp_p
 
 
 # --------------------------------------------------------------------------------------------- retrieval
+
+
+def test_scan_embedding_sees_coherence_that_a_mean_of_tokens_cannot():
+    """Two scans with the same tokens in every time step, in another ROI order: in one, each network's ROIs share
+    their token (a coherent network); in the other the tokens are dealt across networks. The mean token is the
+    same, the group covariances are not, and the coherent scan's within-network terms are larger."""
+    w, n, c = 5, 6, 3
+    groups = torch.zeros(n, 2)
+    groups[:3, 0] = groups[3:, 1] = 1  # ROIs 0-2: network 0, ROIs 3-5: network 1
+    emb = ScanEmbedding(n, c, 8, groups)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(w, c, generator=gen), torch.randn(w, c, generator=gen)
+    coherent = torch.stack([torch.stack([a[t]] * 3 + [b[t]] * 3) for t in range(w)])  # [W, N, c]
+    dealt = coherent[:, [0, 3, 1, 4, 2, 5]]  # the same tokens per step, alternating between the networks
+    feats = emb.features(torch.stack([coherent, dealt]))
+    assert feats.shape == (2, 3 + c)  # upper triangle of 2x2, then the mean token
+    torch.testing.assert_close(feats[0, 3:], feats[1, 3:])  # a mean of tokens cannot tell them apart
+    within = [0, 2]  # (0, 0) and (1, 1) in triu order
+    assert (feats[0, within] > feats[1, within]).all()
+    assert emb(torch.stack([coherent, dealt])).shape == (2, 8)
+    with pytest.raises(ValueError, match="n_rois=7"):
+        ScanEmbedding(7, c, 8, groups)
 
 
 def test_retrieval_recall_on_a_constructed_case():

@@ -14,7 +14,7 @@ from corpus_builder.errors import InputError
 from corpus_builder.synth import synthesize
 from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.runtime import LocalRuntime
-from tokenizer_train.train import Stage1, build_engine, train
+from tokenizer_train.train import Stage1, build_engine, roi_network_groups, train
 
 T = 32
 
@@ -67,6 +67,19 @@ def test_every_trainable_parameter_is_in_the_optimizer(tiny_llm_dir):
     assert any(n.startswith("scan_proj.") for n in trainable)
     assert {"siglip.logit_scale", "siglip.logit_bias"} <= trainable
     assert not any("codebook" in n or n.endswith(".embed") for n in trainable)  # EMA codebook: buffers only
+
+
+def test_scan_embedding_groups_start_from_the_corpus_networks(corpus, tiny_llm_dir):
+    import pandas as pd
+
+    groups = roi_network_groups(corpus)
+    networks = pd.read_csv(corpus / "rois.tsv", sep="\t")["network"]
+    assert groups.shape == (len(networks), networks.nunique()) and (groups.sum(1) == 1).all()
+    module = Stage1(tiny_cfg(tiny_llm_dir), caption_dim=384, roi_groups=groups)
+    first = networks == sorted(networks.unique())[0]
+    assign = module.scan_proj.assign.detach()
+    torch.testing.assert_close(assign[first.to_numpy(), 0], torch.full((int(first.sum()),), 1 / first.sum()))
+    assert roi_network_groups(corpus / "nowhere") is None
 
 
 def test_resume_reaches_the_same_final_loss(corpus, tiny_llm_dir, tmp_path):

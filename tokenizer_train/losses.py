@@ -130,20 +130,42 @@ def _gather_with_grad(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
 
 
-class ScanHead(nn.Module):
-    """Trainable head on a scan's pooled token embedding before the SigLIP loss (CLIP-style projection head).
+class ScanEmbedding(nn.Module):
+    """A scan's embedding for the SigLIP loss, pooled from its tokens ``u [B, W, N, c]`` (the code vectors).
 
-    The mean of thousands of token vectors is dominated by what all scans share; a LayerNorm, then an MLP with
-    biases, lets the loss look at how scans differ instead of at that common part.
+    Captions describe connectivity: how strongly the ROIs of a network move together and with other networks.
+    A plain mean of the tokens cannot express that (shuffle the ROIs within a time step and it stays the same),
+    so the pooling is second order: per time step the ROI mean is removed and the ROIs are summed into G groups
+    by a learned assignment ``A [N, G]`` (initialised from the atlas networks when the corpus names them), and
+    the group covariance ``S = mean_w g_w g_w^T`` (over code channels) says how coherent each group is and how
+    it moves with the others. Upper triangle of S and the mean token -> LayerNorm -> MLP -> ``out_dim``.
     """
 
-    def __init__(self, dim: int, hidden: int | None = None):
+    def __init__(self, n_rois: int, code_dim: int, out_dim: int, groups: torch.Tensor | int = 16):
         super().__init__()
-        hidden = hidden or dim
-        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        if isinstance(groups, int):
+            assign = torch.randn(n_rois, groups) / math.sqrt(n_rois)
+        else:
+            assign = torch.as_tensor(groups, dtype=torch.float32)
+            if assign.ndim != 2 or assign.shape[0] != n_rois:
+                raise ValueError(f"ROI groups must be [n_rois={n_rois}, G], got {tuple(assign.shape)}")
+            assign = assign / assign.sum(0, keepdim=True).clamp_min(1.0)  # group means
+        self.assign = nn.Parameter(assign)
+        n_groups = assign.shape[1]
+        self.register_buffer("upper", torch.triu_indices(n_groups, n_groups), persistent=False)
+        features = n_groups * (n_groups + 1) // 2 + code_dim
+        self.net = nn.Sequential(nn.LayerNorm(features), nn.Linear(features, out_dim), nn.GELU(),
+                                 nn.Linear(out_dim, out_dim))
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.net(pooled)
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, W, N, c]`` -> ``[B, G(G+1)/2 + c]``: group covariances, then the mean token."""
+        centred = tokens - tokens.mean(dim=2, keepdim=True)
+        groups = torch.einsum("bwnc,ng->bwgc", centred, self.assign.to(tokens.dtype))
+        cov = torch.einsum("bwgc,bwhc->bgh", groups, groups) / tokens.shape[1]
+        return torch.cat([cov[:, self.upper[0], self.upper[1]], tokens.mean(dim=(1, 2))], dim=1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(self.features(tokens))
 
 
 class SigLipLoss(nn.Module):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import deepspeed
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +31,7 @@ from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.data import ScanBatches
 from tokenizer_train.losses import (
     DomainClassifier,
-    ScanHead,
+    ScanEmbedding,
     SigLipLoss,
     dann_lambda,
     domain_loss,
@@ -53,13 +54,16 @@ CLIENT_STATE = "fmrilm_state.json"
 class Stage1(nn.Module):
     """Everything stage 1 trains; `forward` returns the losses of one batch."""
 
-    def __init__(self, cfg: TokenizerTrainConfig, caption_dim: int, roi_gradients: np.ndarray | None = None):
+    def __init__(self, cfg: TokenizerTrainConfig, caption_dim: int, roi_gradients: np.ndarray | None = None,
+                 roi_groups: np.ndarray | None = None):
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = BrainTokenizer(cfg.model, roi_gradients=roi_gradients)
-        self.domain = DomainClassifier(cfg.model.llm_dim, cfg.loss.domain_hidden)
+        m = cfg.model
+        self.tokenizer = BrainTokenizer(m, roi_gradients=roi_gradients)
+        self.domain = DomainClassifier(m.llm_dim, cfg.loss.domain_hidden)
         self.siglip = SigLipLoss()
-        self.scan_proj = ScanHead(cfg.model.llm_dim)
+        groups = torch.as_tensor(roi_groups) if roi_groups is not None else 16
+        self.scan_proj = ScanEmbedding(m.n_rois, m.code_dim, m.llm_dim, groups)
         self.caption_proj = CaptionProjection(caption_dim, cfg.model.llm_dim)
 
     def forward(self, x: torch.Tensor, caption_emb: torch.Tensor, text_emb: torch.Tensor, lam: float,
@@ -74,7 +78,7 @@ class Stage1(nn.Module):
             losses["domain"], losses["domain_accuracy"] = domain_loss(self.domain, latents[pick], out.text_view, lam)
             total = total + w.domain * losses["domain"]
         if w.contrastive > 0:
-            losses["siglip"] = self.siglip(self.scan_proj(out.pooled), self.caption_proj(caption_emb))
+            losses["siglip"] = self.siglip(self.scan_proj(out.quantized), self.caption_proj(caption_emb))
             total = total + w.contrastive * losses["siglip"]
         losses["loss"] = total
         losses.update({f"vq_{k}": torch.as_tensor(float(v)) for k, v in out.vq_stats.items()})
@@ -162,6 +166,18 @@ def _gathered(module: nn.Module):
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 
 
+def roi_network_groups(corpus: Path) -> np.ndarray | None:
+    """One-hot ROI -> network membership [N, networks] from the corpus's rois.tsv (None without networks)."""
+    path = Path(corpus) / "rois.tsv"
+    if not path.is_file():
+        return None
+    networks = pd.read_csv(path, sep="\t")
+    if "network" not in networks or networks["network"].isna().any():
+        return None
+    labels = networks["network"].astype(str).to_numpy()
+    return (labels[:, None] == np.unique(labels)[None, :]).astype(np.float32)
+
+
 def train(cfg: TokenizerTrainConfig, corpus: Path, out: Path, runtime: Runtime) -> dict:
     """Train the tokenizer on `corpus`, export it to `out/tokenizer`; returns the final validation metrics."""
     corpus, out = Path(corpus), Path(out)
@@ -182,7 +198,7 @@ def train(cfg: TokenizerTrainConfig, corpus: Path, out: Path, runtime: Runtime) 
     roi_gradients = None
     if m.roi_embedding == "gradients":  # the corpus's reference gradients, fitted on its reference cohort
         roi_gradients = load_reference(corpus / "reference.npz", DescriptorConfig()).gradients
-    module = Stage1(cfg, text.captions.dim, roi_gradients)
+    module = Stage1(cfg, text.captions.dim, roi_gradients, roi_network_groups(corpus))
     module.caption_proj.set_center(text.caption_mean)
     engine, _ = build_engine(module, cfg)
     start = 0
@@ -259,7 +275,7 @@ def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: Sc
             domain_acc.append(float(domain_loss(module.domain, latents[pick], out.text_view, 0.0)[1]))
             caption_emb = module.caption_proj(text.caption_batch(captions).to(device))
             gather, module.siglip.gather = module.siglip.gather, False  # ranks may hold different val batches
-            scan_emb = module.scan_proj(out.pooled)
+            scan_emb = module.scan_proj(out.quantized)
             siglip.append(float(module.siglip(scan_emb, caption_emb)))
             module.siglip.gather = gather
             scans.append(scan_emb)
