@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/tokenizer_quality.yaml"))
     parser.add_argument("--corpus", type=Path, help="an existing corpus (default: synthesise and build one)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--runs", nargs="+", choices=["full", "contrastive_off"], default=["full", "contrastive_off"],
+                        help="which trainings to run; the table also shows earlier results found in the workdir")
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.overrides)
@@ -47,15 +49,21 @@ def main() -> None:
 
     results = {}
     for name, contrastive in (("full", cfg.tokenizer.loss.contrastive), ("contrastive_off", 0.0)):
-        run_cfg = cfg.model_copy(deep=True)
-        run_cfg.tokenizer.loss.contrastive = contrastive
-        result = run_tokenizer_train(run_cfg, corpus, workdir / f"tokenizer-{name}", tracker)
-        results[name] = result.metrics
-        print(f"{name}: {json.dumps(result.metrics)}  (MLflow run {result.run_id})", flush=True)
+        out = workdir / f"tokenizer-{name}"
+        if name in args.runs:
+            if out.exists():
+                raise SystemExit(f"{out} exists: remove it to train again (a rerun would resume the finished run)")
+            run_cfg = cfg.model_copy(deep=True)
+            run_cfg.tokenizer.loss.contrastive = contrastive
+            result = run_tokenizer_train(run_cfg, corpus, out, tracker)
+            print(f"{name}: {json.dumps(result.summary)}  (MLflow run {result.run_id})", flush=True)
+        if (out / "metrics.json").is_file():
+            results[name] = json.loads((out / "metrics.json").read_text())
 
+    first = next(iter(results.values()))
     print(f"\ncorpus {corpus}; {cfg.tokenizer.steps} steps, batch {cfg.tokenizer.batch_size}, "
-          f"K {cfg.tokenizer.model.codebook_size}; val scans {int(results['full']['scans'])}, "
-          f"chance R@5 {results['full']['retrieval_chance_r5']:.3f}")
+          f"K {cfg.tokenizer.model.codebook_size}; val scans {int(first['scans'])}, "
+          f"chance R@5 {first['retrieval_chance_r5']:.3f}")
     print(f"{'figure':<22}{'target':<16}" + "".join(f"{name:>18}" for name in results))
     for key, (target, ok) in TARGETS.items():
         cells = "".join(f"{m[key]:>12.3f} {'ok ' if ok(m) else 'NO ':>5}" for m in results.values())

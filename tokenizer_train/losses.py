@@ -131,7 +131,9 @@ def _gather_with_grad(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
 
 
 class ScanEmbedding(nn.Module):
-    """A scan's embedding for the SigLIP loss, pooled from its tokens ``u [B, W, N, c]`` (the code vectors).
+    """A scan's embedding for the SigLIP loss, pooled from its token latents ``u [B, W, N, c]`` (the trainer
+    gives the l2-normalised quantiser inputs, whose nearest codes are the tokens: on the synthetic cohort they
+    kept more of the connectivity than the code vectors themselves).
 
     Captions describe connectivity: how strongly the ROIs of a network move together and with other networks.
     A plain mean of the tokens cannot express that (shuffle the ROIs within a time step and it stays the same),

@@ -78,7 +78,7 @@ class Stage1(nn.Module):
             losses["domain"], losses["domain_accuracy"] = domain_loss(self.domain, latents[pick], out.text_view, lam)
             total = total + w.domain * losses["domain"]
         if w.contrastive > 0:
-            losses["siglip"] = self.siglip(self.scan_proj(out.quantized), self.caption_proj(caption_emb))
+            losses["siglip"] = self.siglip(self.scan_proj(out.pre_quant), self.caption_proj(caption_emb))
             total = total + w.contrastive * losses["siglip"]
         losses["loss"] = total
         losses.update({f"vq_{k}": torch.as_tensor(float(v)) for k, v in out.vq_stats.items()})
@@ -275,7 +275,7 @@ def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: Sc
             domain_acc.append(float(domain_loss(module.domain, latents[pick], out.text_view, 0.0)[1]))
             caption_emb = module.caption_proj(text.caption_batch(captions).to(device))
             gather, module.siglip.gather = module.siglip.gather, False  # ranks may hold different val batches
-            scan_emb = module.scan_proj(out.quantized)
+            scan_emb = module.scan_proj(out.pre_quant)
             siglip.append(float(module.siglip(scan_emb, caption_emb)))
             module.siglip.gather = gather
             scans.append(scan_emb)
