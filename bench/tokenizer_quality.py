@@ -7,8 +7,8 @@ and for the contrastive-off ablation (the paper's "w/o descriptors"), trained wi
 Without --corpus it synthesises the config's cohort and builds its corpus first (Ray), under the config's
 workdir. Each training is a normal `fmrilm tokenizer train` stage, tracked in the workdir's MLflow store.
 Targets (on val): reconstruction R^2 clearly above 0, codebook usage >= 25 % of K, domain-classifier accuracy
-within 0.5 +- 0.1, retrieval R@5 >= 3x chance. About 25 min per training on a 2-core CPU with the shipped
-config.
+within 0.5 +- 0.1, retrieval R@5 >= 3x chance. About 20 min per training on a 2-core CPU with the shipped
+config (plus about 10 min to synthesise and build the 1200-scan corpus).
 """
 
 from __future__ import annotations
