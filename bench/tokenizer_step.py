@@ -43,12 +43,9 @@ def main() -> None:
     text = TextSide(cfg, args.corpus, data)
 
     torch.manual_seed(0)
-    module = Stage1(cfg, text.captions.dim)
-    module.caption_proj.set_center(text.caption_mean)
-    engine, _ = build_engine(module, cfg)
+    engine, _ = build_engine(Stage1(cfg, text.captions.dim, caption_center=text.caption_mean), cfg)
     torch.manual_seed(0)
-    bare = Stage1(cfg, text.captions.dim)
-    bare.caption_proj.set_center(text.caption_mean)
+    bare = Stage1(cfg, text.captions.dim, caption_center=text.caption_mean)
     opt = torch.optim.AdamW([p for p in bare.parameters() if p.requires_grad], lr=cfg.optim.lr,
                             betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     gen = torch.Generator().manual_seed(0)

@@ -48,7 +48,7 @@ class TokenizerOutput:
     llm_tokens: Tensor     # [B, W, N, llm_dim] = to_llm(quantized)
     llm_latents: Tensor    # [B, W, N, llm_dim] = to_llm(z), z the raw quantiser inputs: the domain classifier's fMRI
     text_view: Tensor | None  # [M, llm_dim]: the text embeddings given to forward, as the classifier sees them
-    pooled: Tensor         # [B, llm_dim], mean of llm_tokens over W and N (contrastive loss)
+    pooled: Tensor         # [B, llm_dim], mean of llm_tokens over W and N (stage 1's SigLIP uses ScanEmbedding)
     recon: Tensor          # [B, T, N]
     commit_loss: Tensor    # scalar
     vq_stats: dict[str, Tensor]  # usage, perplexity of the batch's codes

@@ -55,7 +55,7 @@ class Stage1(nn.Module):
     """Everything stage 1 trains; `forward` returns the losses of one batch."""
 
     def __init__(self, cfg: TokenizerTrainConfig, caption_dim: int, roi_gradients: np.ndarray | None = None,
-                 roi_groups: np.ndarray | None = None):
+                 roi_groups: np.ndarray | None = None, caption_center: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         m = cfg.model
@@ -65,6 +65,8 @@ class Stage1(nn.Module):
         groups = torch.as_tensor(roi_groups) if roi_groups is not None else 16
         self.scan_proj = ScanEmbedding(m.n_rois, m.code_dim, m.llm_dim, groups)
         self.caption_proj = CaptionProjection(caption_dim, cfg.model.llm_dim)
+        if caption_center is not None:  # the train captions' mean embedding (TextSide.caption_mean)
+            self.caption_proj.set_center(caption_center)
 
     def forward(self, x: torch.Tensor, caption_emb: torch.Tensor, text_emb: torch.Tensor, lam: float,
                 generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -198,8 +200,7 @@ def train(cfg: TokenizerTrainConfig, corpus: Path, out: Path, runtime: Runtime) 
     roi_gradients = None
     if m.roi_embedding == "gradients":  # the corpus's reference gradients, fitted on its reference cohort
         roi_gradients = load_reference(corpus / "reference.npz", DescriptorConfig()).gradients
-    module = Stage1(cfg, text.captions.dim, roi_gradients, roi_network_groups(corpus))
-    module.caption_proj.set_center(text.caption_mean)
+    module = Stage1(cfg, text.captions.dim, roi_gradients, roi_network_groups(corpus), text.caption_mean)
     engine, _ = build_engine(module, cfg)
     start = 0
     if latest is not None:
