@@ -104,6 +104,10 @@ def test_bad_input_fails_before_any_step(corpus, tiny_llm_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         train(tiny_cfg(tiny_llm_dir, text={"llm": str(tiny_llm_dir), "text_corpus": str(tmp_path / "nope.txt")}),
               corpus, tmp_path / "o", LocalRuntime(tmp_path / "c"))
+    # one scan per batch has nothing to contrast with: refused when the config is read, fine without SigLIP
+    with pytest.raises(ValueError, match="SigLIP loss needs batch_size >= 2"):
+        tiny_cfg(tiny_llm_dir, batch_size=1)
+    assert tiny_cfg(tiny_llm_dir, batch_size=1, loss={"contrastive": 0.0}).batch_size == 1
     # a checkpoint of another config is refused
     cfg = tiny_cfg(tiny_llm_dir, steps=3)
     train(cfg, corpus, tmp_path / "o", LocalRuntime(tmp_path / "c"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from corpus_builder.config import StrictModel
 
@@ -38,6 +38,8 @@ class LossConfig(StrictModel):
     commitment: float = Field(0.25, ge=0)
     domain: float = Field(1.0, ge=0, description="domain-adversarial weight; 0 switches it off")
     contrastive: float = Field(1.0, ge=0, description="SigLIP weight; 0 = the paper's 'w/o descriptors' ablation")
+    contrastive_dim: int = Field(128, ge=2, description="width of the space where SigLIP compares scan and caption "
+                                                        "embeddings (small heads: captions are few)")
     dann_gamma: float = Field(10.0, gt=0, description="GRL schedule: lambda = 2 / (1 + exp(-gamma p)) - 1")
     domain_hidden: int = Field(256, ge=1)
 
@@ -76,3 +78,10 @@ class TokenizerTrainConfig(StrictModel):
     eval_every: int = Field(200, ge=1)
     deepspeed: Path | None = Field(None, description="DeepSpeed JSON (configs/deepspeed/*.json); None = ZeRO-0")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _contrastive_needs_pairs(self) -> TokenizerTrainConfig:
+        # the scan head standardises its features over the batch, and one scan has no negatives to contrast with
+        if self.loss.contrastive > 0 and self.batch_size < 2:
+            raise ValueError("the SigLIP loss needs batch_size >= 2 (or loss.contrastive: 0)")
+        return self

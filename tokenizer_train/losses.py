@@ -140,7 +140,15 @@ class ScanEmbedding(nn.Module):
     so the pooling is second order: per time step the ROI mean is removed and the ROIs are summed into G groups
     by a learned assignment ``A [N, G]`` (initialised from the atlas networks when the corpus names them), and
     the group covariance ``S = mean_w g_w g_w^T`` (over code channels) says how coherent each group is and how
-    it moves with the others. Upper triangle of S and the mean token -> LayerNorm -> MLP -> ``out_dim``.
+    it moves with the others. Upper triangle of S and the mean token -> per-feature standardisation -> MLP ->
+    ``out_dim``.
+
+    The standardisation is a BatchNorm without affine terms (running statistics at eval time): the within-group
+    terms are an order of magnitude larger than the between-group ones, and a LayerNorm across features let the
+    head see little else. With a few hundred to a few thousand training captions the head must stay small:
+    heads fitted on a trained tokenizer's fixed features of 960 synthetic scans retrieved val captions at
+    R@5 0.10-0.15 (of 120) this way, 0.05-0.09 with a LayerNorm and a 576-wide head, and worse again with
+    per-network channel powers added (more features than the captions can pin down).
     """
 
     def __init__(self, n_rois: int, code_dim: int, out_dim: int, groups: torch.Tensor | int = 16):
@@ -156,7 +164,7 @@ class ScanEmbedding(nn.Module):
         n_groups = assign.shape[1]
         self.register_buffer("upper", torch.triu_indices(n_groups, n_groups), persistent=False)
         features = n_groups * (n_groups + 1) // 2 + code_dim
-        self.net = nn.Sequential(nn.LayerNorm(features), nn.Linear(features, out_dim), nn.GELU(),
+        self.net = nn.Sequential(nn.BatchNorm1d(features, affine=False), nn.Linear(features, out_dim), nn.GELU(),
                                  nn.Linear(out_dim, out_dim))
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -291,8 +291,9 @@ class CaptionEncoder:
 
 
 class CaptionProjection(nn.Module):
-    """Trainable ``Linear(caption dim -> llm_dim)``: caption embeddings into the space of the scan embeddings
-    (`ScanEmbedding`). A plain module so the trainer puts it in its optimizer (the reference code forgot its heads).
+    """Trainable ``Linear(caption dim -> loss.contrastive_dim)``: caption embeddings into the space of the scan
+    embeddings (`ScanEmbedding`). A plain module so the trainer puts it in its optimizer (the reference code forgot
+    its heads).
 
     Captions built from one template sit close together (cosine ~0.95 with MiniLM); `set_center` (the trainer
     gives it the mean embedding of the train split's captions) subtracts that shared part first, so the

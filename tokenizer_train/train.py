@@ -63,8 +63,8 @@ class Stage1(nn.Module):
         self.domain = DomainClassifier(m.llm_dim, cfg.loss.domain_hidden)
         self.siglip = SigLipLoss()
         groups = torch.as_tensor(roi_groups) if roi_groups is not None else 16
-        self.scan_proj = ScanEmbedding(m.n_rois, m.code_dim, m.llm_dim, groups)
-        self.caption_proj = CaptionProjection(caption_dim, cfg.model.llm_dim)
+        self.scan_proj = ScanEmbedding(m.n_rois, m.code_dim, cfg.loss.contrastive_dim, groups)
+        self.caption_proj = CaptionProjection(caption_dim, cfg.loss.contrastive_dim)
         if caption_center is not None:  # the train captions' mean embedding (TextSide.caption_mean)
             self.caption_proj.set_center(caption_center)
 
