@@ -2,13 +2,15 @@
 and for the contrastive-off ablation (the paper's "w/o descriptors"), trained with the same config and seed.
 
     .venv/bin/python bench/tokenizer_quality.py [--config configs/tokenizer_quality.yaml] [--corpus CORPUS]
-                                                [--set key=value ...]
+                                                [--set key=value ...] [--runs full contrastive_off]
 
 Without --corpus it synthesises the config's cohort and builds its corpus first (Ray), under the config's
 workdir. Each training is a normal `fmrilm tokenizer train` stage, tracked in the workdir's MLflow store.
 Targets (on val): reconstruction R^2 clearly above 0, codebook usage >= 25 % of K, domain-classifier accuracy
-within 0.5 +- 0.1, retrieval R@5 >= 3x chance. About 20 min per training on a 2-core CPU with the shipped
-config (plus about 10 min to synthesise and build the 1200-scan corpus).
+within 0.5 +- 0.1, retrieval R@5 >= 3x chance. About 22 min per training on a 2-core CPU with the shipped
+config (plus about 14 min to synthesise and build the 2400-scan corpus). The two trainings are independent:
+`--runs full` and `--runs contrastive_off` may run at the same time on one workdir, and `--runs` with no name
+prints the table of what the workdir holds.
 """
 
 from __future__ import annotations
@@ -33,19 +35,18 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/tokenizer_quality.yaml"))
     parser.add_argument("--corpus", type=Path, help="an existing corpus (default: synthesise and build one)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--runs", nargs="+", choices=["full", "contrastive_off"], default=["full", "contrastive_off"],
-                        help="which trainings to run; the table also shows earlier results found in the workdir")
+    parser.add_argument("--runs", nargs="*", choices=["full", "contrastive_off"], default=["full", "contrastive_off"],
+                        help="which trainings to run (none: only print the table); the table also shows earlier "
+                             "results found in the workdir")
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.overrides)
     workdir = Path(cfg.workdir)
     tracker = tracker_for(cfg, workdir)
-    corpus = args.corpus
-    if corpus is None:
-        corpus = workdir / "corpus"
-        if not (corpus / "summary.json").is_file():
-            source = run_synth(cfg, workdir / "source", tracker)
-            run_corpus_build(cfg, [str(source.out)], corpus, tracker, input_run_id=source.run_id)
+    corpus = args.corpus or workdir / "corpus"
+    if args.corpus is None and args.runs and not (corpus / "summary.json").is_file():
+        source = run_synth(cfg, workdir / "source", tracker)
+        run_corpus_build(cfg, [str(source.out)], corpus, tracker, input_run_id=source.run_id)
 
     results = {}
     for name, contrastive in (("full", cfg.tokenizer.loss.contrastive), ("contrastive_off", 0.0)):
@@ -60,6 +61,8 @@ def main() -> None:
         if (out / "metrics.json").is_file():
             results[name] = json.loads((out / "metrics.json").read_text())
 
+    if not results:
+        raise SystemExit(f"no finished training in {workdir}: run with --runs full contrastive_off")
     first = next(iter(results.values()))
     print(f"\ncorpus {corpus}; {cfg.tokenizer.steps} steps, batch {cfg.tokenizer.batch_size}, "
           f"K {cfg.tokenizer.model.codebook_size}; val scans {int(first['scans'])}, "
