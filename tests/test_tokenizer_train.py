@@ -69,6 +69,21 @@ def test_every_trainable_parameter_is_in_the_optimizer(tiny_llm_dir):
     assert not any("codebook" in n or n.endswith(".embed") for n in trainable)  # EMA codebook: buffers only
 
 
+def test_domain_classifier_learns_at_its_own_rate_through_the_schedule(tiny_llm_dir):
+    cfg = tiny_cfg(tiny_llm_dir, optim={"lr": 1e-3, "warmup_steps": 2, "domain_lr_scale": 4.0})
+    module = Stage1(cfg, caption_dim=384)
+    engine, optimizer = build_engine(module, cfg)
+    domain = {id(p) for p in module.domain.parameters()}
+    for _ in range(3):  # through warmup into the cosine decay
+        rates = {}
+        for group in optimizer.param_groups:
+            kinds = {id(p) in domain for p in group["params"]}
+            assert len(kinds) == 1, "a parameter group mixes the classifier with the rest"
+            rates[kinds.pop()] = group["lr"]
+        assert rates[True] == pytest.approx(4.0 * rates[False]) and rates[False] > 0
+        engine.lr_scheduler.step()
+
+
 def test_scan_embedding_groups_start_from_the_corpus_networks(corpus, tiny_llm_dir):
     import pandas as pd
 

@@ -65,6 +65,9 @@ class OptimConfig(StrictModel):
     warmup_steps: int = Field(100, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = Field(1.0, gt=0)
+    domain_lr_scale: float = Field(
+        5.0, gt=0, description="learning-rate multiplier of the domain classifier: a classifier that keeps up with "
+                               "the encoder (two time-scale updates) damps the adversarial game's oscillation")
 
 
 class TokenizerTrainConfig(StrictModel):
