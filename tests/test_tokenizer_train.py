@@ -13,8 +13,9 @@ from corpus_builder.config import SynthConfig
 from corpus_builder.errors import InputError
 from corpus_builder.synth import synthesize
 from tokenizer_train.config import TokenizerTrainConfig
+from tokenizer_train.engine import Stage1, build_engine
 from tokenizer_train.runtime import LocalRuntime
-from tokenizer_train.train import Stage1, build_engine, roi_network_groups, train
+from tokenizer_train.train import roi_network_groups, train
 
 T = 32
 
@@ -82,6 +83,34 @@ def test_domain_classifier_learns_at_its_own_rate_through_the_schedule(tiny_llm_
             rates[kinds.pop()] = group["lr"]
         assert rates[True] == pytest.approx(4.0 * rates[False]) and rates[False] > 0
         engine.lr_scheduler.step()
+
+
+def test_cosine_schedule_decays_to_its_floor():
+    from tokenizer_train.engine import lr_lambda
+
+    base = {"steps": 12, "optim": {"warmup_steps": 2}}
+    plain = lr_lambda(TokenizerTrainConfig.model_validate(base))
+    floored = lr_lambda(TokenizerTrainConfig.model_validate(base | {"optim": {"warmup_steps": 2, "min_lr_ratio": 0.1}}))
+    assert plain(0) == floored(0) == 0.5 and plain(2) == floored(2) == 1.0  # warmup and peak untouched
+    assert plain(12) == pytest.approx(0.0) and floored(12) == pytest.approx(0.1)
+    assert floored(7) == pytest.approx(0.1 + 0.9 * plain(7))
+
+
+def test_stage1_in_bf16_takes_fp32_inputs_and_keeps_losses_and_codebook_fp32(tiny_llm_dir):
+    # DeepSpeed's bf16 mode (on GPU) casts the module to bf16 while the reader and text side hand in fp32
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tiny_llm_dir)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_rois": 20})})
+    module = Stage1(cfg, caption_dim=384, caption_center=torch.zeros(384)).to(torch.bfloat16)
+    x = torch.randn(4, T, 20)
+    losses = module(x, torch.randn(4, 384), torch.randn(64, cfg.model.llm_dim), 0.5, torch.Generator().manual_seed(0))
+    for name in ("reconstruction", "commitment", "domain", "siglip", "loss"):
+        assert losses[name].dtype == torch.float32 and torch.isfinite(losses[name]), name
+    losses["loss"].backward()
+    assert module.tokenizer.patch_embed.weight.grad.dtype == torch.bfloat16
+    assert module.tokenizer.patch_embed.weight.grad.abs().sum() > 0
+    assert module.tokenizer.quantizer.codebook.dtype == torch.float32
+    assert module.tokenizer.encode(x[0].numpy()).shape == (T // cfg.model.patch, 20)
 
 
 def test_scan_embedding_groups_start_from_the_corpus_networks(corpus, tiny_llm_dir):

@@ -64,6 +64,9 @@ class OptimConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = Field(100, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="floor of the cosine decay as a share of lr: above 0 the encoder can still "
+                                     "answer the domain classifier at the end of the schedule")
     grad_clip: float = Field(1.0, gt=0)
     domain_lr_scale: float = Field(
         5.0, gt=0, description="learning-rate multiplier of the domain classifier: a classifier that keeps up with "

@@ -84,7 +84,7 @@ def domain_classification_loss(classifier: nn.Module, fmri_latents: torch.Tensor
     text = text_embeds.reshape(-1, text_embeds.shape[-1]).detach().to(fmri.dtype)
     if fmri.shape[0] == 0 or text.shape[0] == 0:
         raise ValueError(f"domain loss needs both domains, got {fmri.shape[0]} fMRI and {text.shape[0]} text rows")
-    logits = classifier(torch.cat([fmri, text]))
+    logits = classifier(torch.cat([fmri, text])).float()  # the loss in fp32 whatever the weights' dtype
     logit_fmri, logit_text = logits[: fmri.shape[0]], logits[fmri.shape[0]:]
     loss = 0.5 * (F.binary_cross_entropy_with_logits(logit_fmri, torch.ones_like(logit_fmri))
                   + F.binary_cross_entropy_with_logits(logit_text, torch.zeros_like(logit_text)))
@@ -219,8 +219,8 @@ class SigLipLoss(nn.Module):
         if scan_emb.shape != caption_emb.shape:
             raise ValueError(f"scan and caption embeddings differ in shape: {tuple(scan_emb.shape)} vs "
                              f"{tuple(caption_emb.shape)}")
-        scans = F.normalize(scan_emb, dim=-1)
-        captions = F.normalize(caption_emb, dim=-1).to(scans.dtype)
+        scans = F.normalize(scan_emb.float(), dim=-1)  # the loss in fp32 whatever the heads' dtype
+        captions = F.normalize(caption_emb.float(), dim=-1)
         n = scans.shape[0]
         distributed = (self.gather and dist.is_available() and dist.is_initialized()
                        and dist.get_world_size(self.group) > 1)

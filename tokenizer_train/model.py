@@ -225,7 +225,11 @@ class BrainTokenizer(nn.Module):
 
     def forward(self, x: Tensor, text: Tensor | None = None) -> TokenizerOutput:
         """X [B, T, N] (and text-token embeddings [M, llm_dim] for the domain classifier) -> TokenizerOutput.
-        In training mode the codebook's EMA state moves (see quantizer)."""
+        In training mode the codebook's EMA state moves (see quantizer). Inputs take the weights' dtype (bf16 under
+        DeepSpeed on GPU); the codebook stays fp32 (see quantizer)."""
+        dtype = self.patch_embed.weight.dtype
+        x = x.to(dtype)
+        text = None if text is None else text.to(dtype)
         z = self.quantizer_inputs(x)
         quantized, codes, commit_loss, stats = self.quantizer(z)  # normalises z for the cosine lookup
         llm_tokens = self.to_llm(quantized)

@@ -3,26 +3,20 @@ as the first thing it does (torchtitan style). The same code runs in one process
 Ray Train workers: the caller sets up the process group environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and
 hands in a `Runtime`.
 
-Every trainable part (tokenizer, domain classifier, SigLIP temperature/bias, scan and caption heads) lives in one
-`Stage1` module, so the DeepSpeed optimizer provably holds all of them (the reference implementation left its
-projection heads out of the optimizer); the classifier gets its own parameter group with a faster learning rate
-(`param_groups`). The LLM embedding matrix and the caption encoder are frozen and live
-outside the engine.
+This module feeds the engine (`engine.py`: `Stage1`, everything stage 1 trains, and its DeepSpeed engine) from
+the corpus reader and the frozen text side (`TextSide`: the LLM's token embeddings and the caption encoder).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 from pathlib import Path
 
 import deepspeed
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from corpus_builder.config import DescriptorConfig
@@ -30,20 +24,12 @@ from corpus_builder.errors import InputError
 from corpus_builder.norms import load_reference
 from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.data import ScanBatches
-from tokenizer_train.losses import (
-    DomainClassifier,
-    ScanEmbedding,
-    SigLipLoss,
-    dann_lambda,
-    domain_loss,
-    retrieval_recall,
-)
-from tokenizer_train.model import BrainTokenizer
+from tokenizer_train.engine import Stage1, build_engine, optimize
+from tokenizer_train.losses import dann_lambda, domain_loss, retrieval_recall
 from tokenizer_train.runtime import Runtime
 from tokenizer_train.text import (
     DEFAULT_TEXT_CORPUS,
     CaptionEncoder,
-    CaptionProjection,
     TextEmbeddingSampler,
     load_llm,
     read_text_corpus,
@@ -52,83 +38,10 @@ from tokenizer_train.text import (
 CLIENT_STATE = "fmrilm_state.json"
 
 
-class Stage1(nn.Module):
-    """Everything stage 1 trains; `forward` returns the losses of one batch."""
-
-    def __init__(self, cfg: TokenizerTrainConfig, caption_dim: int, roi_gradients: np.ndarray | None = None,
-                 roi_groups: np.ndarray | None = None, caption_center: torch.Tensor | None = None):
-        super().__init__()
-        self.cfg = cfg
-        m = cfg.model
-        self.tokenizer = BrainTokenizer(m, roi_gradients=roi_gradients)
-        self.domain = DomainClassifier(m.llm_dim, cfg.loss.domain_hidden)
-        self.siglip = SigLipLoss()
-        groups = torch.as_tensor(roi_groups) if roi_groups is not None else 16
-        self.scan_proj = ScanEmbedding(m.n_rois, m.code_dim, cfg.loss.contrastive_dim, groups)
-        self.caption_proj = CaptionProjection(caption_dim, cfg.loss.contrastive_dim)
-        if caption_center is not None:  # the train captions' mean embedding (TextSide.caption_mean)
-            self.caption_proj.set_center(caption_center)
-
-    def forward(self, x: torch.Tensor, caption_emb: torch.Tensor, text_emb: torch.Tensor, lam: float,
-                generator: torch.Generator) -> dict[str, torch.Tensor]:
-        w = self.cfg.loss
-        out = self.tokenizer(x, text_emb if w.domain > 0 else None)
-        losses = {"reconstruction": F.mse_loss(out.recon, x), "commitment": out.commit_loss}
-        total = w.reconstruction * losses["reconstruction"] + w.commitment * losses["commitment"]
-        if w.domain > 0:
-            latents = out.llm_latents.reshape(-1, out.llm_latents.shape[-1])
-            pick = torch.randint(len(latents), (min(len(latents), len(text_emb)),), generator=generator)
-            losses["domain"], losses["domain_accuracy"] = domain_loss(self.domain, latents[pick], out.text_view, lam)
-            total = total + w.domain * losses["domain"]
-        if w.contrastive > 0:
-            losses["siglip"] = self.siglip(self.scan_proj(out.pre_quant), self.caption_proj(caption_emb))
-            total = total + w.contrastive * losses["siglip"]
-        losses["loss"] = total
-        losses.update({f"vq_{k}": torch.as_tensor(float(v)) for k, v in out.vq_stats.items()})
-        return losses
-
-
 def config_fingerprint(cfg: TokenizerTrainConfig) -> str:
     """What a checkpoint depends on: everything but the run length and the checkpoint cadence."""
     content = cfg.model_dump(mode="json", exclude={"steps", "checkpoint_every", "eval_every"})
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def deepspeed_config(cfg: TokenizerTrainConfig) -> dict:
-    ds = json.loads(Path(cfg.deepspeed).read_text()) if cfg.deepspeed else {"zero_optimization": {"stage": 0}}
-    ds.update({
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay,
-            "torch_adam": not torch.cuda.is_available()}},  # DeepSpeed's fused CPU Adam needs a C++ build
-        "steps_per_print": ds.get("steps_per_print", 10**9),
-    })
-    ds.pop("train_batch_size", None)
-    if torch.cuda.is_available():
-        ds.setdefault("bf16", {"enabled": True})
-    return ds
-
-
-def lr_lambda(cfg: TokenizerTrainConfig):
-    def factor(step: int) -> float:
-        if step < cfg.optim.warmup_steps:
-            return (step + 1) / cfg.optim.warmup_steps
-        if cfg.optim.schedule == "constant":
-            return 1.0
-        progress = (step - cfg.optim.warmup_steps) / max(1, cfg.steps - cfg.optim.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
-def init_distributed() -> None:
-    """A process group for DeepSpeed: gloo on CPU, nccl on GPU; a 1-process group when nobody set one up
-    (torchrun and Ray Train set one up before the stage runs; DeepSpeed then wraps it)."""
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 class TextSide:
@@ -153,35 +66,6 @@ class TextSide:
 
     def caption_batch(self, captions: list[str]) -> torch.Tensor:
         return self.captions.encode(captions)
-
-
-def build_engine(module: Stage1, cfg: TokenizerTrainConfig):
-    """(DeepSpeed engine, its optimizer) over every trainable parameter of `module`."""
-    init_distributed()
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=module, model_parameters=param_groups(module, cfg),
-        config=deepspeed_config(cfg), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-    return engine, optimizer
-
-
-def param_groups(module: Stage1, cfg: TokenizerTrainConfig) -> list[dict]:
-    """Every trainable parameter, the domain classifier in a group of its own at ``optim.domain_lr_scale`` x lr.
-
-    With one learning rate the adversarial game oscillates: the encoder pushes the latents past the classifier's
-    boundary before it re-fits, and the classifier's accuracy swings 0.35-0.75 around chance (the cycles of
-    simultaneous gradient play). A faster classifier (two time-scale updates, Heusel et al. 2017) stays near
-    its best response, so the encoder descends a loss that really measures how separable the domains are.
-    The LR schedule multiplies each group's own rate, so the ratio holds through warmup and decay.
-    """
-    domain = {id(p) for p in module.domain.parameters()}
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in domain]}]
-    if cfg.loss.domain > 0:
-        groups.append({"params": [p for p in trainable if id(p) in domain],
-                       "lr": cfg.optim.lr * cfg.optim.domain_lr_scale})
-    else:  # no domain loss: the classifier is never used, keep it in the optimizer at the base rate
-        groups[0]["params"] += [p for p in trainable if id(p) in domain]
-    return groups
 
 
 def _gathered(module: nn.Module):
@@ -258,11 +142,7 @@ def train_step(engine, cfg: TokenizerTrainConfig, text: TextSide, data: ScanBatc
     caption_emb = text.caption_batch(captions).to(device)
     text_emb = text.text_batch(cfg.text.text_batch, generator).to(device)
     lam = dann_lambda(step / max(1, cfg.steps - 1), cfg.loss.dann_gamma)
-    engine.train()
-    losses = engine(x.to(device), caption_emb, text_emb, lam, generator)
-    engine.backward(losses["loss"])
-    engine.step()
-    return {k: v.detach() for k, v in losses.items()}
+    return optimize(engine, x.to(device), caption_emb, text_emb, lam, generator)
 
 
 def save_checkpoint(engine, runtime: Runtime, step: int, fingerprint: str, metrics: dict[str, float]) -> None:
@@ -289,13 +169,13 @@ def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: Sc
         for x, captions, _ in data.all(max_scans):
             x = x.to(device)
             out = module.tokenizer(x, text.text_batch(cfg.text.text_batch, generator).to(device))
-            sse += float(((out.recon - x) ** 2).sum())
+            sse += float(((out.recon.float() - x) ** 2).sum())
             sst += float(((x - x.mean(dim=(1, 2), keepdim=True)) ** 2).sum())
             counts += torch.bincount(out.codes.flatten().cpu(), minlength=cfg.model.codebook_size).float()
             latents = out.llm_latents.reshape(-1, out.llm_latents.shape[-1])
             pick = torch.randint(len(latents), (min(len(latents), len(out.text_view)),), generator=generator)
             domain_acc.append(float(domain_loss(module.domain, latents[pick], out.text_view, 0.0)[1]))
-            caption_emb = module.caption_proj(text.caption_batch(captions).to(device))
+            caption_emb = module.caption_proj(text.caption_batch(captions).to(device, out.pre_quant.dtype))
             gather, module.siglip.gather = module.siglip.gather, False  # ranks may hold different val batches
             scan_emb = module.scan_proj(out.pre_quant)
             siglip.append(float(module.siglip(scan_emb, caption_emb)))
