@@ -34,6 +34,8 @@ from tokenizer_train.losses import (  # noqa: E402
     domain_classification_loss,
     domain_loss,
     grad_reverse,
+    moment_matching_loss,
+    probe_accuracy,
     retrieval_recall,
 )
 from tokenizer_train.text import (  # noqa: E402
@@ -149,6 +151,43 @@ def _siglip_reference(scans, captions, scale, bias):
             label = 1.0 if i == j else -1.0
             total = total - F.logsigmoid(label * (math.exp(scale) * (s[i] @ c[j]) + bias))
     return total / len(s)
+
+
+def test_moment_matching_is_zero_on_equal_statistics_and_can_be_descended():
+    torch.manual_seed(0)
+    text = torch.randn(512, 6) @ torch.randn(6, 6) + 3.0  # anisotropic, off-centre
+    assert moment_matching_loss(text, text) == pytest.approx(0.0, abs=1e-4)
+    # the same mean and total spread, squeezed onto the text's main direction: far apart once whitened
+    centred = text - text.mean(0)
+    top = torch.linalg.eigh(torch.cov(centred.T))[1][:, -1]
+    along = centred @ top
+    collapsed = text.mean(0) + along[:, None] * top * (centred.square().sum(1).mean() / along.square().mean()).sqrt()
+    assert moment_matching_loss(collapsed, text) > 0.5
+    # an affine map of other data, fitted by gradient descent on the loss alone, reaches the text's moments
+    source = torch.randn(512, 6)
+    weight = torch.eye(6).requires_grad_()
+    bias = torch.zeros(6, requires_grad=True)
+    text.requires_grad_()
+    opt = torch.optim.Adam([weight, bias], lr=0.05)
+    start = float(moment_matching_loss(source @ weight + bias, text))
+    for _ in range(400):
+        loss = moment_matching_loss(source @ weight + bias, text)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert start > 1.0 and float(loss) < 0.02 * start
+    assert text.grad is None  # the text side is a fixed target
+    mapped = (source @ weight + bias).detach()
+    torch.testing.assert_close(mapped.mean(0), text.detach().mean(0), atol=0.1, rtol=0.05)
+
+
+def test_probe_accuracy_tells_apart_what_differs_and_not_what_does_not():
+    torch.manual_seed(0)
+    a, b = torch.randn(2000, 8), torch.randn(3000, 8)
+    assert abs(probe_accuracy(a, b) - 0.5) < 0.05  # same distribution, unequal sizes: chance
+    assert probe_accuracy(a + torch.tensor([1.5] + [0.0] * 7), b) > 0.7  # a shifted mean shows
+    with pytest.raises(ValueError, match="probe needs"):
+        probe_accuracy(a[:1], b)
 
 
 def test_siglip_matches_the_formula_and_prefers_matched_pairs():

@@ -1,5 +1,6 @@
 """Stage 1 training on a real DeepSpeed engine (CPU, gloo): wiring, resume, bad input, export."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,21 @@ def test_stage1_in_bf16_takes_fp32_inputs_and_keeps_losses_and_codebook_fp32(tin
     assert module.tokenizer.encode(x[0].numpy()).shape == (T // cfg.model.patch, 20)
 
 
+def test_moment_term_enters_the_loss_only_when_weighted(tiny_llm_dir):
+    x, cap = torch.randn(4, T, 20), torch.randn(4, 384)
+    totals = {}
+    for weight in (0.0, 2.0):
+        cfg = tiny_cfg(tiny_llm_dir, loss={"moments": weight, "domain": 0.0, "contrastive": 0.0})
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_rois": 20})})
+        torch.manual_seed(0)
+        module = Stage1(cfg, caption_dim=384)
+        losses = module(x, cap, torch.randn(64, cfg.model.llm_dim), 0.5, torch.Generator().manual_seed(0))
+        totals[weight] = losses
+    assert "moments" not in totals[0.0] and float(totals[2.0]["moments"]) > 0
+    rest = totals[2.0]["reconstruction"] + 0.25 * totals[2.0]["commitment"]
+    torch.testing.assert_close(totals[2.0]["loss"], rest + 2.0 * 0.5 * totals[2.0]["moments"])  # x lambda
+
+
 def test_scan_embedding_groups_start_from_the_corpus_networks(corpus, tiny_llm_dir):
     import pandas as pd
 
@@ -136,6 +152,23 @@ def test_resume_reaches_the_same_final_loss(corpus, tiny_llm_dir, tmp_path):
     resumed = train(cfg, corpus, tmp_path / "b", runtime)
     assert resumed["final_loss"] == pytest.approx(straight["final_loss"], abs=1e-5)
     assert resumed["val/reconstruction_r2"] == pytest.approx(straight["val/reconstruction_r2"], abs=1e-5)
+
+
+def test_bf16_training_validates_checkpoints_and_exports(corpus, tiny_llm_dir, tmp_path):
+    # the GPU path (DeepSpeed bf16), run on the CPU: fp32 scans into bf16 weights, fp32 metrics and export
+    from tokenizer_train import BrainTokenizer
+
+    cfg = tiny_cfg(tiny_llm_dir, precision="bf16", steps=3, deepspeed="configs/deepspeed/zero2.json")
+    metrics = train(cfg, corpus, tmp_path / "out", LocalRuntime(tmp_path / "ckpt"))
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert 0 <= metrics["val/domain_probe_accuracy"] <= 1 and metrics["val/reconstruction_r2"] < 1
+    states = next((tmp_path / "ckpt" / "step_00000003" / "engine").glob("*model_states.pt"))
+    trained = torch.load(states, weights_only=True)["module"]
+    assert trained["tokenizer.patch_embed.weight"].dtype == torch.bfloat16  # the engine really ran in bf16
+    tokenizer = BrainTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
+    assert tokenizer.patch_embed.weight.dtype == torch.float32  # exported in fp32
+    codes = tokenizer.encode(torch.randn(T, 450))
+    assert codes.shape == (T // cfg.model.patch, 450) and int(codes.max()) < cfg.model.codebook_size
 
 
 def test_bad_input_fails_before_any_step(corpus, tiny_llm_dir, tmp_path):

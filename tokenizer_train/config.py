@@ -38,6 +38,8 @@ class LossConfig(StrictModel):
     commitment: float = Field(0.25, ge=0)
     domain: float = Field(1.0, ge=0, description="domain-adversarial weight; 0 switches it off")
     contrastive: float = Field(1.0, ge=0, description="SigLIP weight; 0 = the paper's 'w/o descriptors' ablation")
+    moments: float = Field(0.0, ge=0, description="weight of matching the mean and covariance of the classifier's "
+                                                  "fMRI latents to the text embeddings' (0: off)")
     contrastive_dim: int = Field(128, ge=2, description="width of the space where SigLIP compares scan and caption "
                                                         "embeddings (small heads: captions are few)")
     dann_gamma: float = Field(10.0, gt=0, description="GRL schedule: lambda = 2 / (1 + exp(-gamma p)) - 1")
@@ -83,6 +85,8 @@ class TokenizerTrainConfig(StrictModel):
     checkpoint_every: int = Field(200, ge=1)
     eval_every: int = Field(200, ge=1)
     deepspeed: Path | None = Field(None, description="DeepSpeed JSON (configs/deepspeed/*.json); None = ZeRO-0")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="weights and activations: auto = bf16 on GPU, fp32 on CPU (losses and codebook stay fp32)")
     seed: int = 0
 
     @model_validator(mode="after")

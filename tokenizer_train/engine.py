@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenizer_train.config import TokenizerTrainConfig
-from tokenizer_train.losses import DomainClassifier, ScanEmbedding, SigLipLoss, domain_loss
+from tokenizer_train.losses import DomainClassifier, ScanEmbedding, SigLipLoss, domain_loss, moment_matching_loss
 from tokenizer_train.model import BrainTokenizer
 from tokenizer_train.text import CaptionProjection
 
@@ -48,14 +48,18 @@ class Stage1(nn.Module):
     def forward(self, x: torch.Tensor, caption_emb: torch.Tensor, text_emb: torch.Tensor, lam: float,
                 generator: torch.Generator) -> dict[str, torch.Tensor]:
         w = self.cfg.loss
-        out = self.tokenizer(x, text_emb if w.domain > 0 else None)
+        out = self.tokenizer(x, text_emb if w.domain > 0 or w.moments > 0 else None)
         losses = {"reconstruction": F.mse_loss(out.recon.float(), x.float()), "commitment": out.commit_loss}
         total = w.reconstruction * losses["reconstruction"] + w.commitment * losses["commitment"]
-        if w.domain > 0:
+        if w.domain > 0 or w.moments > 0:
             latents = out.llm_latents.reshape(-1, out.llm_latents.shape[-1])
             pick = torch.randint(len(latents), (min(len(latents), len(text_emb)),), generator=generator)
+        if w.domain > 0:
             losses["domain"], losses["domain_accuracy"] = domain_loss(self.domain, latents[pick], out.text_view, lam)
             total = total + w.domain * losses["domain"]
+        if w.moments > 0:
+            losses["moments"] = moment_matching_loss(latents[pick], out.text_view)
+            total = total + w.moments * lam * losses["moments"]  # ramped in like the adversary (DANN schedule)
         if w.contrastive > 0:
             captions = self.caption_proj(caption_emb.to(out.pre_quant.dtype))
             losses["siglip"] = self.siglip(self.scan_proj(out.pre_quant), captions)
@@ -80,8 +84,9 @@ def deepspeed_config(cfg: TokenizerTrainConfig) -> dict:
         "steps_per_print": ds.get("steps_per_print", 10**9),
     })
     ds.pop("train_batch_size", None)
-    if torch.cuda.is_available():
-        ds.setdefault("bf16", {"enabled": True})
+    if "bf16" not in ds and "fp16" not in ds:  # a DeepSpeed JSON that sets the precision itself wins
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+        ds["bf16"] = {"enabled": bf16}
     return ds
 
 

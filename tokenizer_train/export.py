@@ -26,12 +26,14 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def save_pretrained(model: BrainTokenizer, directory: str | Path) -> Path:
-    """Write config.json and model.safetensors into `directory` (each file replaced atomically)."""
+    """Write config.json and model.safetensors into `directory` (each file replaced atomically); floating-point
+    weights are saved in fp32 whatever the training precision (a bf16 GPU run exports like a CPU one)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if model.config.roi_embedding == "gradients" and model.roi_gradients is None:
         raise ValueError("cannot export a tokenizer with roi_embedding='gradients' before set_roi_gradients")
-    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    state = {name: (t.float() if t.is_floating_point() else t).detach().cpu().contiguous()
+             for name, t in model.state_dict().items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.model_dump(mode="json")}
     tmp = directory / f".{WEIGHTS_FILE}.tmp"
     save_file(state, tmp, metadata={"format": "pt", "fmrilm_format_version": str(FORMAT_VERSION)})

@@ -16,6 +16,7 @@ import math
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn  # not imported by `import torch.distributed`
@@ -103,6 +104,58 @@ def domain_loss(classifier: nn.Module, fmri_latents: torch.Tensor, text_embeds: 
     embeddings and are detached. Returns ``(loss, balanced accuracy)``, see `domain_classification_loss`.
     """
     return domain_classification_loss(classifier, grad_reverse(fmri_latents, lam), text_embeds)
+
+
+def moment_matching_loss(fmri_latents: torch.Tensor, text_embeds: torch.Tensor,
+                         rel_eps: float = 1e-6) -> torch.Tensor:
+    """Distance between the first two moments of fMRI latents ``[M, d]`` and text embeddings ``[M', d]``
+    (detached), measured in the text's whitened coordinates: with ``S_t = U diag(l) U^T`` over the directions
+    where the text varies (eigenvalues above ``rel_eps`` x the largest),
+
+        ``|l^-1/2 U^T (mu_f - mu_t)|^2 + |l^-1/2 U^T S_f U l^-1/2 - I|_F^2 / r``
+
+    (r such directions), 0 when means and covariances agree. Whitening matters: a linear probe separates the
+    domains by any mean gap along a direction where both vary little, and latents that collapse onto fewer
+    directions than the text spans sit apart from it however close their overall spread is. The adversarial
+    classifier lags behind the encoder it chases, so its accuracy can sit near chance while such gaps remain;
+    this term closes them directly (moment alignment as in Deep CORAL, Sun & Saenko 2016, with the means).
+    """
+    f = fmri_latents.reshape(-1, fmri_latents.shape[-1]).float()
+    t = text_embeds.reshape(-1, text_embeds.shape[-1]).detach().float()
+    if f.shape[0] < 2 or t.shape[0] < 2:
+        raise ValueError(f"moment matching needs >= 2 rows per domain, got {f.shape[0]} fMRI and {t.shape[0]} text")
+    mu_t = t.mean(0)
+    evals, evecs = torch.linalg.eigh(torch.cov(t.T))
+    keep = evals > rel_eps * evals[-1].clamp_min(1e-30)
+    whiten = evecs[:, keep] * evals[keep].rsqrt()  # [d, r]: text -> zero mean, identity covariance
+    w = (f - mu_t) @ whiten
+    mean = w.mean(0)
+    cov = torch.cov(w.T).reshape(w.shape[1], w.shape[1])
+    eye = torch.eye(w.shape[1], device=w.device)
+    return mean.square().sum() + (cov - eye).square().sum() / w.shape[1]
+
+
+@torch.no_grad()
+def probe_accuracy(fmri_latents: torch.Tensor, text_embeds: torch.Tensor, seed: int = 0) -> float:
+    """Held-out accuracy of a fresh linear probe (logistic regression) telling fMRI latents from text: fitted on
+    half of each domain, scored balanced on the other half. Unlike the adversarial classifier, which trails the
+    encoder it is trained against, the probe answers "can these two sets be told apart?" at the time of asking."""
+    from sklearn.linear_model import LogisticRegression
+
+    f = fmri_latents.reshape(-1, fmri_latents.shape[-1]).float().cpu().numpy()
+    t = text_embeds.reshape(-1, text_embeds.shape[-1]).float().cpu().numpy()
+    rng = np.random.default_rng(seed)
+    f, t = f[rng.permutation(len(f))], t[rng.permutation(len(t))]
+    fh, th = len(f) // 2, len(t) // 2
+    if min(fh, th) < 1:
+        raise ValueError(f"probe needs >= 2 rows per domain, got {len(f)} fMRI and {len(t)} text")
+    x = np.concatenate([f[:fh], t[:th]])
+    y = np.r_[np.ones(fh), np.zeros(th)]
+    mean, std = x.mean(0), x.std(0) + 1e-8
+    probe = LogisticRegression(max_iter=1000, class_weight="balanced").fit((x - mean) / std, y)
+    acc_f = probe.predict((f[fh:] - mean) / std).mean()
+    acc_t = 1 - probe.predict((t[th:] - mean) / std).mean()
+    return float(0.5 * (acc_f + acc_t))
 
 
 # --------------------------------------------------------------------------------------------- SigLIP

@@ -25,7 +25,7 @@ from corpus_builder.norms import load_reference
 from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.data import ScanBatches
 from tokenizer_train.engine import Stage1, build_engine, optimize
-from tokenizer_train.losses import dann_lambda, domain_loss, retrieval_recall
+from tokenizer_train.losses import dann_lambda, domain_loss, probe_accuracy, retrieval_recall
 from tokenizer_train.runtime import Runtime
 from tokenizer_train.text import (
     DEFAULT_TEXT_CORPUS,
@@ -158,12 +158,13 @@ def save_checkpoint(engine, runtime: Runtime, step: int, fingerprint: str, metri
 @torch.no_grad()
 def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: ScanBatches, step: int,
              max_scans: int = 512) -> dict[str, float]:
-    """Reconstruction R^2, codebook usage and perplexity, domain accuracy, SigLIP loss, retrieval R@1/R@5."""
+    """Reconstruction R^2, codebook usage and perplexity, domain accuracy (the adversary's and a fresh linear
+    probe's, see `probe_accuracy`), SigLIP loss, retrieval R@1/R@5."""
     module.eval()
     generator = torch.Generator().manual_seed(cfg.seed + 12345)
     sse = sst = 0.0
     counts = torch.zeros(cfg.model.codebook_size)
-    scans, caps, domain_acc, siglip = [], [], [], []
+    scans, caps, domain_acc, siglip, probe_latents, probe_text = [], [], [], [], [], []
     device = module.tokenizer.patch_embed.weight.device
     with _gathered(module):
         for x, captions, _ in data.all(max_scans):
@@ -175,6 +176,8 @@ def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: Sc
             latents = out.llm_latents.reshape(-1, out.llm_latents.shape[-1])
             pick = torch.randint(len(latents), (min(len(latents), len(out.text_view)),), generator=generator)
             domain_acc.append(float(domain_loss(module.domain, latents[pick], out.text_view, 0.0)[1]))
+            probe_latents.append(latents[pick[:256]].cpu())
+            probe_text.append(out.text_view[:256].cpu())
             caption_emb = module.caption_proj(text.caption_batch(captions).to(device, out.pre_quant.dtype))
             gather, module.siglip.gather = module.siglip.gather, False  # ranks may hold different val batches
             scan_emb = module.scan_proj(out.pre_quant)
@@ -189,6 +192,8 @@ def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: Sc
     return {"val/reconstruction_r2": 1 - sse / max(sst, 1e-12),
             "val/codebook_usage": float((counts > 0).float().mean()),
             "val/codebook_perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
-            "val/domain_accuracy": float(np.mean(domain_acc)), "val/siglip": float(np.mean(siglip)),
+            "val/domain_accuracy": float(np.mean(domain_acc)),
+            "val/domain_probe_accuracy": probe_accuracy(torch.cat(probe_latents), torch.cat(probe_text), cfg.seed),
+            "val/siglip": float(np.mean(siglip)),
             "val/retrieval_r1": float(recall["R@1"]), "val/retrieval_r5": float(recall["R@5"]),
             "val/retrieval_chance_r5": min(1.0, 5 / n), "val/scans": float(n)}
