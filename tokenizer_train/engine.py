@@ -61,8 +61,7 @@ class Stage1(nn.Module):
             losses["moments"] = moment_matching_loss(latents[pick], out.text_view)
             total = total + w.moments * lam * losses["moments"]  # ramped in like the adversary (DANN schedule)
         if w.contrastive > 0:
-            captions = self.caption_proj(caption_emb.to(out.pre_quant.dtype))
-            losses["siglip"] = self.siglip(self.scan_proj(out.pre_quant), captions)
+            losses["siglip"] = self.siglip(self.scan_proj(out.pre_quant), self.caption_proj(caption_emb))
             total = total + w.contrastive * losses["siglip"]
         losses["loss"] = total
         losses.update({f"vq_{k}": torch.as_tensor(float(v)) for k, v in out.vq_stats.items()})

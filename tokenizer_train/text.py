@@ -309,4 +309,5 @@ class CaptionProjection(nn.Module):
         self.center.copy_(center.detach().to(self.center))
 
     def forward(self, caption_emb: torch.Tensor) -> torch.Tensor:
+        caption_emb = caption_emb.to(self.proj.weight.dtype)  # fp32 encoder output into bf16 heads on GPU
         return self.proj(caption_emb - self.center.to(caption_emb.dtype))

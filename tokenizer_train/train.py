@@ -178,7 +178,7 @@ def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: Sc
             domain_acc.append(float(domain_loss(module.domain, latents[pick], out.text_view, 0.0)[1]))
             probe_latents.append(latents[pick[:256]].cpu())
             probe_text.append(out.text_view[:256].cpu())
-            caption_emb = module.caption_proj(text.caption_batch(captions).to(device, out.pre_quant.dtype))
+            caption_emb = module.caption_proj(text.caption_batch(captions).to(device))
             gather, module.siglip.gather = module.siglip.gather, False  # ranks may hold different val batches
             scan_emb = module.scan_proj(out.pre_quant)
             siglip.append(float(module.siglip(scan_emb, caption_emb)))
