@@ -28,6 +28,8 @@ TARGETS = {
     "domain_accuracy": ("0.5 +- 0.1", lambda m: abs(m["domain_accuracy"] - 0.5) <= 0.1),
     # a fresh linear probe, fitted on held-out latents: what "indistinguishable" means when the adversary lags
     "domain_probe_accuracy": ("0.5 +- 0.1", lambda m: abs(m["domain_probe_accuracy"] - 0.5) <= 0.1),
+    # the same with a two-layer MLP trained to convergence: also sees gaps beyond the first two moments
+    "domain_mlp_probe_accuracy": ("0.5 +- 0.1", lambda m: abs(m["domain_mlp_probe_accuracy"] - 0.5) <= 0.1),
     "retrieval_r5": (">= 3x chance", lambda m: m["retrieval_r5"] >= 3 * m["retrieval_chance_r5"]),
 }
 

@@ -190,6 +190,18 @@ def test_probe_accuracy_tells_apart_what_differs_and_not_what_does_not():
         probe_accuracy(a[:1], b)
 
 
+def test_mlp_probe_sees_what_the_linear_probe_cannot():
+    # same mean and covariance, different shape: a Gaussian ball against a shell of radius sqrt(d)
+    torch.manual_seed(1)
+    ball = torch.randn(3000, 4)
+    shell = torch.nn.functional.normalize(torch.randn(3000, 4), dim=-1) * 2.0
+    assert abs(probe_accuracy(ball, shell) - 0.5) < 0.06
+    assert probe_accuracy(ball, shell, kind="mlp") > 0.75
+    assert abs(probe_accuracy(ball, torch.randn(2000, 4), kind="mlp") - 0.5) < 0.06  # same distribution: chance
+    with pytest.raises(ValueError, match="probe kind"):
+        probe_accuracy(ball, shell, kind="svm")
+
+
 def test_siglip_matches_the_formula_and_prefers_matched_pairs():
     torch.manual_seed(2)
     loss_fn = SigLipLoss()

@@ -158,8 +158,8 @@ def save_checkpoint(engine, runtime: Runtime, step: int, fingerprint: str, metri
 @torch.no_grad()
 def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: ScanBatches, step: int,
              max_scans: int = 512) -> dict[str, float]:
-    """Reconstruction R^2, codebook usage and perplexity, domain accuracy (the adversary's and a fresh linear
-    probe's, see `probe_accuracy`), SigLIP loss, retrieval R@1/R@5."""
+    """Reconstruction R^2, codebook usage and perplexity, domain accuracy (the adversary's, a fresh linear
+    probe's and a fresh MLP probe's, see `probe_accuracy`), SigLIP loss, retrieval R@1/R@5."""
     module.eval()
     generator = torch.Generator().manual_seed(cfg.seed + 12345)
     sse = sst = 0.0
@@ -194,6 +194,8 @@ def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: Sc
             "val/codebook_perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
             "val/domain_accuracy": float(np.mean(domain_acc)),
             "val/domain_probe_accuracy": probe_accuracy(torch.cat(probe_latents), torch.cat(probe_text), cfg.seed),
+            "val/domain_mlp_probe_accuracy": probe_accuracy(torch.cat(probe_latents), torch.cat(probe_text), cfg.seed,
+                                                            kind="mlp"),
             "val/siglip": float(np.mean(siglip)),
             "val/retrieval_r1": float(recall["R@1"]), "val/retrieval_r5": float(recall["R@5"]),
             "val/retrieval_chance_r5": min(1.0, 5 / n), "val/scans": float(n)}
