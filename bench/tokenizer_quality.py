@@ -71,11 +71,11 @@ def main() -> None:
     print(f"\ncorpus {corpus}; {cfg.tokenizer.steps} steps, batch {cfg.tokenizer.batch_size}, "
           f"K {cfg.tokenizer.model.codebook_size}; val scans {int(first['scans'])}, "
           f"chance R@5 {first['retrieval_chance_r5']:.3f}")
-    print(f"{'figure':<22}{'target':<16}" + "".join(f"{name:>18}" for name in results))
+    print(f"{'figure':<27}{'target':<16}" + "".join(f"{name:>18}" for name in results))
     for key, (target, ok) in TARGETS.items():
         cells = "".join(f"{m[key]:>12.3f} {'ok ' if ok(m) else 'NO ':>5}" if key in m else f"{'-':>18}"
                         for m in results.values())
-        print(f"{key:<22}{target:<16}{cells}")
+        print(f"{key:<27}{target:<16}{cells}")
     if "contrastive_off" in results:
         print("(the targets are the full loss's; the ablation shows what the captions add: without SigLIP the "
               "scan head is untrained and retrieval sits at chance)")
