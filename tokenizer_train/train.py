@@ -188,14 +188,14 @@ def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: Sc
     module.train()
     p = counts / counts.sum()
     recall = retrieval_recall(torch.cat(scans), torch.cat(caps), ks=(1, 5))
+    probe_latents, probe_text = torch.cat(probe_latents), torch.cat(probe_text)
     n = len(torch.cat(scans))
     return {"val/reconstruction_r2": 1 - sse / max(sst, 1e-12),
             "val/codebook_usage": float((counts > 0).float().mean()),
             "val/codebook_perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
             "val/domain_accuracy": float(np.mean(domain_acc)),
-            "val/domain_probe_accuracy": probe_accuracy(torch.cat(probe_latents), torch.cat(probe_text), cfg.seed),
-            "val/domain_mlp_probe_accuracy": probe_accuracy(torch.cat(probe_latents), torch.cat(probe_text), cfg.seed,
-                                                            kind="mlp"),
+            "val/domain_probe_accuracy": probe_accuracy(probe_latents, probe_text, cfg.seed),
+            "val/domain_mlp_probe_accuracy": probe_accuracy(probe_latents, probe_text, cfg.seed, kind="mlp"),
             "val/siglip": float(np.mean(siglip)),
             "val/retrieval_r1": float(recall["R@1"]), "val/retrieval_r5": float(recall["R@5"]),
             "val/retrieval_chance_r5": min(1.0, 5 / n), "val/scans": float(n)}
