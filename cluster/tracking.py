@@ -112,16 +112,32 @@ class Tracker:
     @property
     def experiment_id(self) -> str:
         if self._experiment_id is None:
-            found = self.client.get_experiment_by_name(self.experiment)
-            if found is not None:
-                self._experiment_id = found.experiment_id
-            else:
-                root = self.artifact_root
-                if root is not None:
-                    root.mkdir(parents=True, exist_ok=True)
-                location = root.resolve().as_uri() if root is not None else None
-                self._experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
+            with self._store_lock():
+                found = self.client.get_experiment_by_name(self.experiment)
+                if found is not None:
+                    self._experiment_id = found.experiment_id
+                else:
+                    root = self.artifact_root
+                    if root is not None:
+                        root.mkdir(parents=True, exist_ok=True)
+                    location = root.resolve().as_uri() if root is not None else None
+                    self._experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
         return self._experiment_id
+
+    @contextmanager
+    def _store_lock(self) -> Iterator[None]:
+        """For a sqlite store, an exclusive file lock beside the database while it is first opened: two stages
+        started at the same time on a fresh workdir would otherwise both create (migrate) its tables, and one
+        fails with "duplicate column name". Other stores handle concurrent clients themselves."""
+        if not self.uri.startswith("sqlite:///"):
+            yield
+            return
+        from filelock import FileLock  # a dependency of torch and of huggingface_hub
+
+        db = Path(self.uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(db) + ".lock"):
+            yield
 
     @classmethod
     def for_workdir(cls, workdir: Path, experiment: str, uri: str | None = None) -> Tracker:
@@ -143,7 +159,8 @@ class Tracker:
             all_tags[INPUT_RUN_TAG] = input_run_id
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        info = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info
+        experiment_id = self.experiment_id  # first: opening a fresh store takes the lock
+        info = self.client.create_run(experiment_id, run_name=name, tags=all_tags).info
         run = StageRun(self.client, info.run_id)
         if params:
             run.log_params(params)

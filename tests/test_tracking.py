@@ -81,3 +81,25 @@ def test_only_rank_zero_writes(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     exp = client.get_experiment_by_name("exp")
     assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+def test_stages_started_together_on_a_fresh_store_all_open_their_runs(tmp_path):
+    # two `bench/tokenizer_quality.py --runs ...` started at once on a new workdir used to race on creating the
+    # sqlite tables ("duplicate column name: step") and one of them died
+    code = (
+        "import sys, time; from pathlib import Path; from cluster.tracking import Tracker\n"
+        "t = Tracker.for_workdir(Path(sys.argv[1]), 'exp')\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # start together, imports done\n"
+        "with t.run('stage-' + sys.argv[3]) as r:\n"
+        "    r.log_metrics({'x': 1.0})\n"
+    )
+    import time
+
+    start = time.time() + 8.0
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(start), str(i)],
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-600:] for e in errors)
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("exp")
+    assert len(client.search_runs([exp.experiment_id])) == 4
