@@ -129,6 +129,33 @@ def test_domain_accuracy_is_balanced_over_both_sets():
     assert loss.item() == pytest.approx(0.5 * (F.softplus(torch.tensor(-1.0)) + F.softplus(torch.tensor(1.0))).item())
 
 
+class _Recorder(nn.Module):
+    """A 'classifier' that keeps what it was shown."""
+
+    def forward(self, x):
+        self.seen = x.detach().clone()
+        return x[:, 0]
+
+
+def test_domain_noise_has_the_texts_covariance_in_the_texts_span_and_is_off_by_default():
+    torch.manual_seed(0)
+    span = torch.linalg.qr(torch.randn(8, 3))[0]  # text lives in a 3-d subspace of R^8
+    text = torch.randn(4000, 3) @ torch.diag(torch.tensor([3.0, 1.0, 0.3])) @ span.T + 5.0
+    fmri = torch.randn(3000, 8)
+    clf = _Recorder()
+    clean = torch.cat([fmri, text])
+    domain_loss(clf, fmri, text, 1.0)
+    assert torch.equal(clf.seen, clean)  # noise 0 (the default, and what validation uses): inputs untouched
+    domain_loss(clf, fmri, text, 1.0, noise=0.5)
+    added = clf.seen - clean
+    for part in (added[:3000], added[3000:]):  # the same kernel blurs both domains
+        assert part.mean(0).abs().max() < 0.1
+        expected = 0.25 * torch.cov(text[:256].T)
+        assert torch.allclose(torch.cov(part.T), expected, atol=0.05 * expected.abs().max())
+    off_span = added - added @ span @ span.T
+    assert off_span.abs().max() < 1e-4  # nothing where the text does not vary
+
+
 def test_dann_lambda_schedule():
     assert dann_lambda(0.0, 10.0) == 0.0
     assert dann_lambda(1.0, 10.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)

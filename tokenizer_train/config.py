@@ -40,6 +40,8 @@ class LossConfig(StrictModel):
     contrastive: float = Field(1.0, ge=0, description="SigLIP weight; 0 = the paper's 'w/o descriptors' ablation")
     moments: float = Field(0.0, ge=0, description="weight of matching the mean and covariance of the classifier's "
                                                   "fMRI latents to the text embeddings' (0: off)")
+    domain_noise: float = Field(0.0, ge=0, description="instance noise of the domain classifier's inputs in training, "
+                                                       "as a multiple of the text's spread (0: off)")
     contrastive_dim: int = Field(128, ge=2, description="width of the space where SigLIP compares scan and caption "
                                                         "embeddings (small heads: captions are few)")
     dann_gamma: float = Field(10.0, gt=0, description="GRL schedule: lambda = 2 / (1 + exp(-gamma p)) - 1")

@@ -55,7 +55,9 @@ class Stage1(nn.Module):
             latents = out.llm_latents.reshape(-1, out.llm_latents.shape[-1])
             pick = torch.randint(len(latents), (min(len(latents), len(text_emb)),), generator=generator)
         if w.domain > 0:
-            losses["domain"], losses["domain_accuracy"] = domain_loss(self.domain, latents[pick], out.text_view, lam)
+            noise = w.domain_noise if self.training else 0.0
+            losses["domain"], losses["domain_accuracy"] = domain_loss(self.domain, latents[pick], out.text_view, lam,
+                                                                      noise)
             total = total + w.domain * losses["domain"]
         if w.moments > 0:
             losses["moments"] = moment_matching_loss(latents[pick], out.text_view)
