@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -91,6 +93,25 @@ class StageRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM (a scheduler's cancel, `kill`) raises SystemExit inside the block, so the run is marked FAILED
+    instead of staying RUNNING forever. Only in the main thread, and only where nobody else (Ray, torchrun, a
+    caller) has installed a handler; the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def _exit(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class Tracker:
     """Opens runs in one experiment of one tracking store."""
 
@@ -165,7 +186,8 @@ class Tracker:
         if params:
             run.log_params(params)
         try:
-            yield run
+            with _sigterm_raises():
+                yield run
         except BaseException:
             self.client.set_terminated(info.run_id, status="FAILED")
             raise

@@ -103,3 +103,26 @@ def test_stages_started_together_on_a_fresh_store_all_open_their_runs(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     exp = client.get_experiment_by_name("exp")
     assert len(client.search_runs([exp.experiment_id])) == 4
+
+
+def test_a_stage_killed_with_sigterm_is_marked_failed(tmp_path):
+    import signal
+    import time
+
+    code = (
+        "import sys, time; from pathlib import Path; from cluster.tracking import Tracker\n"
+        "t = Tracker.for_workdir(Path(sys.argv[1]), 'exp')\n"
+        "with t.run('stage'):\n"
+        "    (Path(sys.argv[1]) / 'started').touch()\n"
+        "    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)])
+    deadline = time.time() + 120
+    while not (tmp_path / "started").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (tmp_path / "started").exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.info.status == "FAILED"
