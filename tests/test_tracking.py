@@ -66,10 +66,20 @@ def test_failed_stage_is_marked_failed(tmp_path):
     assert tracker.client.get_run(run.run_id).info.status == "FAILED"
 
 
+# a child process's script starts with this: a Tracker on the workdir given as its first argument
+_OPEN_TRACKER = ("import sys, time; from pathlib import Path; from cluster.tracking import Tracker\n"
+                 "t = Tracker.for_workdir(Path(sys.argv[1]), 'exp')\n")
+
+
+def _runs_in(workdir):
+    """The runs of experiment 'exp' in the workdir's sqlite store."""
+    client = MlflowClient(f"sqlite:///{workdir.resolve() / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+
+
 def test_only_rank_zero_writes(tmp_path):
     code = (
-        "import sys; from pathlib import Path; from cluster.tracking import Tracker\n"
-        "t = Tracker.for_workdir(Path(sys.argv[1]), 'exp')\n"
+        _OPEN_TRACKER +
         "with t.run('stage', params={'a': 1}) as r:\n"
         "    r.log_metrics({'x': 1.0}); print(r.run_id)\n"
     )
@@ -78,17 +88,14 @@ def test_only_rank_zero_writes(tmp_path):
         out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True,
                              text=True, check=True).stdout.strip().splitlines()[-1]
         assert (out == "None") == (rank == "1")
-    client = MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("exp")
-    assert len(client.search_runs([exp.experiment_id])) == 1
+    assert len(_runs_in(tmp_path)) == 1
 
 
 def test_stages_started_together_on_a_fresh_store_all_open_their_runs(tmp_path):
     # two `bench/tokenizer_quality.py --runs ...` started at once on a new workdir used to race on creating the
     # sqlite tables ("duplicate column name: step") and one of them died
     code = (
-        "import sys, time; from pathlib import Path; from cluster.tracking import Tracker\n"
-        "t = Tracker.for_workdir(Path(sys.argv[1]), 'exp')\n"
+        _OPEN_TRACKER +
         "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # start together, imports done\n"
         "with t.run('stage-' + sys.argv[3]) as r:\n"
         "    r.log_metrics({'x': 1.0})\n"
@@ -100,9 +107,7 @@ def test_stages_started_together_on_a_fresh_store_all_open_their_runs(tmp_path):
                               stderr=subprocess.PIPE, text=True) for i in range(4)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-600:] for e in errors)
-    client = MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("exp")
-    assert len(client.search_runs([exp.experiment_id])) == 4
+    assert len(_runs_in(tmp_path)) == 4
 
 
 def test_a_stage_killed_with_sigterm_is_marked_failed(tmp_path):
@@ -110,8 +115,7 @@ def test_a_stage_killed_with_sigterm_is_marked_failed(tmp_path):
     import time
 
     code = (
-        "import sys, time; from pathlib import Path; from cluster.tracking import Tracker\n"
-        "t = Tracker.for_workdir(Path(sys.argv[1]), 'exp')\n"
+        _OPEN_TRACKER +
         "with t.run('stage'):\n"
         "    (Path(sys.argv[1]) / 'started').touch()\n"
         "    time.sleep(120)\n"
@@ -123,6 +127,5 @@ def test_a_stage_killed_with_sigterm_is_marked_failed(tmp_path):
     assert (tmp_path / "started").exists()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
-    client = MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    (run,) = _runs_in(tmp_path)
     assert run.info.status == "FAILED"
