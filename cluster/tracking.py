@@ -178,9 +178,7 @@ class Tracker:
             all_tags[PARENT_TAG] = parent.run_id
         if input_run_id:
             all_tags[INPUT_RUN_TAG] = input_run_id
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        experiment_id = self.experiment_id  # first: opening a fresh store takes the lock
+        experiment_id = self.experiment_id  # first: opening a fresh store takes the lock (and makes its folder)
         info = self.client.create_run(experiment_id, run_name=name, tags=all_tags).info
         run = StageRun(self.client, info.run_id)
         if params:
