@@ -1,7 +1,9 @@
 """The MLflow contract (DESIGN 3.7), checked by opening the sqlite store the pipeline wrote."""
 
+import signal
 import subprocess
 import sys
+import time
 
 from mlflow.tracking import MlflowClient
 
@@ -100,8 +102,6 @@ def test_stages_started_together_on_a_fresh_store_all_open_their_runs(tmp_path):
         "with t.run('stage-' + sys.argv[3]) as r:\n"
         "    r.log_metrics({'x': 1.0})\n"
     )
-    import time
-
     start = time.time() + 8.0
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(start), str(i)],
                               stderr=subprocess.PIPE, text=True) for i in range(4)]
@@ -111,9 +111,6 @@ def test_stages_started_together_on_a_fresh_store_all_open_their_runs(tmp_path):
 
 
 def test_a_stage_killed_with_sigterm_is_marked_failed(tmp_path):
-    import signal
-    import time
-
     code = (
         _OPEN_TRACKER +
         "with t.run('stage'):\n"
