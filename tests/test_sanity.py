@@ -1,4 +1,4 @@
-"""The paper's sanity check on a synthetic cohort with a planted sex effect (slow: ~4 min on 2 cores)."""
+"""The paper's sanity check on a synthetic cohort with a planted sex effect (slow: ~3 min on 2 cores)."""
 
 import pytest
 
