@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -153,8 +154,6 @@ class Tracker:
         if not self.uri.startswith("sqlite:///"):
             yield
             return
-        from filelock import FileLock  # a dependency of torch and of huggingface_hub
-
         db = Path(self.uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(db) + ".lock"):

@@ -88,7 +88,8 @@ def domain_classification_loss(classifier: nn.Module, fmri_latents: torch.Tensor
     classifier can draw sharp boundaries around either, and its reversed gradient tells the encoder little about
     where the text lies. Blurring both by the same kernel leaves the classifier a smooth density ratio to learn
     (noise approximates a penalty on its input gradient) and gives the encoder a gradient towards the text's
-    mass. Training only: the accuracy reported on validation is measured on clean inputs.
+    mass. Training only: the accuracy reported on validation is measured on clean inputs, which from noise 2 on
+    a classifier fitted to noisy rows mostly answers by the blur, so that figure then says little (README).
     """
     fmri = fmri_latents.reshape(-1, fmri_latents.shape[-1])
     text = text_embeds.reshape(-1, text_embeds.shape[-1]).detach().to(fmri.dtype)
