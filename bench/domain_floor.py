@@ -32,6 +32,7 @@ from tokenizer_train.train import DEFAULT_TEXT_CORPUS
 
 
 def gaussian_like(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` draws of the Gaussian with the mean and covariance of ``x`` (in the span ``x`` fills)."""
     evals, evecs = torch.linalg.eigh(torch.cov(x.T.double()))
     root = evecs * evals.clamp_min(0).sqrt()
     return (x.mean(0).double() + torch.randn(n, x.shape[1], generator=generator, dtype=torch.float64) @ root.T).float()
@@ -47,6 +48,7 @@ def pca_view(embeddings: torch.Tensor, probs: torch.Tensor, dim: int):
 
 
 def rows(probs: torch.Tensor, atoms: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` rows of ``atoms`` drawn with replacement in proportion to ``probs``."""
     return atoms[torch.multinomial(probs, n, replacement=True, generator=g)]
 
 
@@ -78,7 +80,8 @@ def main() -> None:
         dist = torch.cdist(sub, sub).fill_diagonal_(float("inf"))
         nn_dist = float(dist.min(1).values.median())
         ref = {"text (fresh draws)": rows(probs, atoms, n, g)}
-        basis, _ = torch.linalg.qr(sub.T - sub.mean(0)[:, None])  # the view's directions
+        # the centred tokens span the view's code_dim directions, so the first code_dim columns of Q do too
+        basis, _ = torch.linalg.qr(sub.T - sub.mean(0)[:, None])
         basis = basis[:, : args.code_dim]
         for frac in (0.2, 1.0):
             jitter = torch.randn(n, args.code_dim, generator=g) @ basis.T * (frac * nn_dist / np.sqrt(args.code_dim))
