@@ -38,13 +38,17 @@ def gaussian_like(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.
     return (x.mean(0).double() + torch.randn(n, x.shape[1], generator=generator, dtype=torch.float64) @ root.T).float()
 
 
-def pca_view(embeddings: torch.Tensor, probs: torch.Tensor, dim: int):
-    """``t -> mu + U U^T (t - mu)``: U the top `dim` principal axes of the frequency-weighted text, mu its mean."""
+def pca_view(embeddings: torch.Tensor, probs: torch.Tensor, dim: int) -> LLMProjection:
+    """A `to_llm` whose `text_view` is the text's own PCA: weight = the top `dim` principal axes of the
+    frequency-weighted text, bias = its mean."""
     e, p = embeddings.double(), probs.double() / probs.double().sum()
     mu = p @ e
     _, evecs = torch.linalg.eigh((e - mu).T @ ((e - mu) * p[:, None]))
-    u = evecs[:, -dim:]
-    return lambda t: (mu + (t.double() - mu) @ u @ u.T).float()
+    proj = LLMProjection(dim, e.shape[1])
+    with torch.no_grad():
+        proj.weight.copy_(evecs[:, -dim:])
+        proj.bias.copy_(mu)
+    return proj
 
 
 def rows(probs: torch.Tensor, atoms: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
@@ -67,22 +71,20 @@ def main() -> None:
           f"{float(probs.sort(descending=True).values[:100].sum()):.0%} of draws; {n} rows per domain and probe")
 
     torch.manual_seed(0)
-    random_view = LLMProjection(args.code_dim, llm.embeddings.shape[1]).text_view
-    views = {"random view": random_view, "text PCA view": pca_view(sampler.embeddings, probs, args.code_dim)}
+    views = {"random view": LLMProjection(args.code_dim, llm.embeddings.shape[1]),
+             "text PCA view": pca_view(sampler.embeddings, probs, args.code_dim)}
 
     table: dict[str, dict[str, float]] = {}
     for view_name, view in views.items():
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            atoms = view(sampler.embeddings).float()
+            atoms = view.text_view(sampler.embeddings).float()
+            basis, _ = torch.linalg.qr(view.weight)  # [llm_dim, code_dim]: the view's directions
         text = rows(probs, atoms, n, g)
         sub = atoms[torch.randperm(len(atoms), generator=g)[:2000]]
         dist = torch.cdist(sub, sub).fill_diagonal_(float("inf"))
         nn_dist = float(dist.min(1).values.median())
         ref = {"text (fresh draws)": rows(probs, atoms, n, g)}
-        # the centred tokens span the view's code_dim directions, so the first code_dim columns of Q do too
-        basis, _ = torch.linalg.qr(sub.T - sub.mean(0)[:, None])
-        basis = basis[:, : args.code_dim]
         for frac in (0.2, 1.0):
             jitter = torch.randn(n, args.code_dim, generator=g) @ basis.T * (frac * nn_dist / np.sqrt(args.code_dim))
             ref[f"text + jitter {frac} x NN distance"] = rows(probs, atoms, n, g) + jitter
