@@ -13,8 +13,9 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from corpus_builder.config import CorpusConfig, StrictModel, SynthConfig
-from corpus_builder.errors import InputError
+from corpus_builder.config import CorpusConfig, SynthConfig
+from fmrilm_core.config import StrictModel
+from fmrilm_core.errors import InputError
 from tokenizer_train.config import TokenizerTrainConfig
 
 

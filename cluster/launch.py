@@ -1,7 +1,7 @@
 """Running a training stage: in-process (also each rank under torchrun), or as a Ray Train `TorchTrainer`.
 
 A stage is a plain function `train(cfg, corpus, out, runtime)`; this module supplies the runtime:
-- `LocalRuntime` (tokenizer_train.runtime): checkpoints in a shared folder, rank-0 logging; used in-process and
+- `LocalRuntime` (fmrilm_core.runtime): checkpoints in a shared folder, rank-0 logging; used in-process and
   by every rank under `torchrun` (which sets RANK / WORLD_SIZE / MASTER_ADDR for DeepSpeed);
 - `RayTrainRuntime`: checkpoints through `ray.train.report` into the run's `storage_path`, resume from
   `ray.train.get_checkpoint()` (so a restarted worker group picks up the last checkpoint), metrics straight to
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster.tracking import Tracker
-from tokenizer_train.runtime import COMPLETE, LocalRuntime
+from fmrilm_core.runtime import COMPLETE, LocalRuntime
 
 
 class RayTrainRuntime(LocalRuntime):

@@ -1,17 +1,13 @@
-"""Typed configs of the corpus stage, and the strict base model every stage config derives from."""
+"""Typed configs of the corpus stage (on `fmrilm_core.config.StrictModel`, the base of every stage config)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class StrictModel(BaseModel):
-    """Base of all config models: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from fmrilm_core.config import StrictModel
 
 
 class PhenotypeEffects(StrictModel):
@@ -42,6 +38,9 @@ class SynthConfig(StrictModel):
     length_scale: float = Field(
         1.0, gt=0, le=1.0, description="fraction of each dataset's native scan length to write (tests shrink it)"
     )
+    n_rois: int | None = Field(
+        None, ge=8, le=450, description="tables format: keep this many of the 450 ROIs, spread evenly over the atlas "
+                                        "order (every network kept); None = all 450. A coarser cohort for CPU runs")
 
 
 class AtlasConfig(StrictModel):

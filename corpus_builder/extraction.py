@@ -24,9 +24,9 @@ import zarr
 from corpus_builder import sources
 from corpus_builder.atlas import roi_table
 from corpus_builder.config import SourceConfig
-from corpus_builder.errors import InputError
 from corpus_builder.privacy import Pseudonymizer
 from corpus_builder.records import PHENOTYPES, ScanRecord
+from fmrilm_core.errors import InputError
 
 
 def pseudonymizer_for(roots: list[Path]) -> Pseudonymizer:

@@ -39,8 +39,8 @@ import pandas as pd
 import scipy.io
 
 from corpus_builder.atlas import NETWORKS
-from corpus_builder.errors import InputError
 from corpus_builder.privacy import Pseudonymizer
+from fmrilm_core.errors import InputError
 
 ATLAS_NAME = "AAL2"
 HCP_TR = 0.72                       # seconds, HCP-YA multiband EPI

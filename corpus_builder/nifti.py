@@ -33,8 +33,8 @@ from scipy import sparse
 
 from corpus_builder.atlas import atlas_order, read_networks
 from corpus_builder.config import AtlasConfig
-from corpus_builder.errors import InputError
 from corpus_builder.records import RawScan, ScanError
+from fmrilm_core.errors import InputError
 
 GRID_ATOL = 1e-3
 BLOCK_BYTES = 32 * 2**20        # volumes read per step: about this many bytes of float32 data

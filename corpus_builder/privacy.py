@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-from corpus_builder.errors import InputError
+from fmrilm_core.errors import InputError
 
 KEY_ENV = "FMRILM_PSEUDONYM_KEY"
 KEY_FILE_ENV = "FMRILM_PSEUDONYM_KEY_FILE"

@@ -11,6 +11,14 @@
     rows = ray_dataset(corpus, "train")                             # ray.data.Dataset, one row per scan
     scans = open_zarr(corpus); x = scans["UKB-ab12cd34ef56-2-1"]    # random access by key, X [T, N]
 
+    keys = split_keys(corpus, "train")                              # the ok scans of a split, sorted
+    rois = read_rois(corpus)                                        # DataFrame: index, label, network
+    groups = roi_network_groups(corpus)                             # one-hot ROI -> network [N, networks]
+    ref = read_reference(corpus)                                    # reference fits: networks, gradients, ICA
+    norms = read_norms(corpus); manifest = read_manifest(corpus)    # norms.json as a dict; manifest.parquet
+
+Later stages read a corpus only through these functions, never by opening its files.
+
 A corpus is a local path or an fsspec URL (`file://`, `s3://`, `gs://`, `memory://`, ...; pass credentials and
 endpoints as `storage_options`). Only completed shards (those with a `{shard}_stats.json`) are read.
 
@@ -34,6 +42,7 @@ import io
 import json
 import math
 import random
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -46,8 +55,10 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed, pytorch_worker_info, pytorch_worker_seed
 
-from corpus_builder.descriptors import DESCRIPTOR_NAMES, PAIR_NAMES
-from corpus_builder.errors import InputError
+from corpus_builder.config import DescriptorConfig
+from corpus_builder.descriptors import DESCRIPTOR_NAMES, PAIR_NAMES, Reference
+from corpus_builder.norms import load_reference
+from fmrilm_core.errors import InputError
 
 FIELDS = ("ts", "caption", "desc", "fc_pairs", "qa", "meta")
 _MEMBER = {"ts": "ts.npy", "caption": "caption.txt", "desc": "desc.json", "fc_pairs": "desc.json",
@@ -296,6 +307,76 @@ def ray_dataset(corpus: str | Path, split: str, *, storage_options: dict | None 
     return ray.data.read_webdataset(tars, filesystem=filesystem, decoder=_ray_row, **read_args)
 
 
+# ---- the corpus's tables: manifest, ROIs, reference fits, norms ----------------------------------------
+
+def _corpus_file(corpus: str | Path, name: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem,
+                                                                                     str]:
+    """(filesystem, path) of the file `name` at the corpus root; a missing corpus or file is an InputError."""
+    fs, root = _filesystem(corpus, storage_options)
+    root = root.rstrip("/")
+    path = f"{root}/{name}"
+    if not fs.isfile(path):
+        raise InputError(f"{corpus}: {'no such corpus' if not fs.exists(root) else f'no {name}'}")
+    return fs, path
+
+
+def read_manifest(corpus: str | Path, *, storage_options: dict | None = None) -> pd.DataFrame:
+    """`manifest.parquet`: one row per scan (key, dataset, subject, session, run, split, status, error, index,
+    ...), failed scans included."""
+    fs, path = _corpus_file(corpus, "manifest.parquet", storage_options)
+    with fs.open(path, "rb") as f:
+        return pd.read_parquet(f)
+
+
+def split_keys(corpus: str | Path, split: str, *, storage_options: dict | None = None) -> list[str]:
+    """The keys of the split's usable (status ok) scans, sorted; empty when the split has none."""
+    manifest = read_manifest(corpus, storage_options=storage_options)
+    return sorted(manifest.loc[(manifest["status"] == "ok") & (manifest["split"] == split), "key"])
+
+
+def read_rois(corpus: str | Path, *, storage_options: dict | None = None) -> pd.DataFrame:
+    """`rois.tsv`, one row per ROI in atlas order (the N axis of every X [T, N]): index, label, network."""
+    fs, path = _corpus_file(corpus, "rois.tsv", storage_options)
+    with fs.open(path, "rb") as f:
+        return pd.read_csv(f, sep="\t")
+
+
+def roi_network_groups(corpus: str | Path, *, storage_options: dict | None = None) -> np.ndarray | None:
+    """One-hot ROI -> network membership [N, networks] (networks in sorted order) from the corpus's ROI table;
+    None when the corpus has no ROI table or some ROI has no network."""
+    fs, root = _filesystem(corpus, storage_options)
+    if not fs.isfile(f"{root.rstrip('/')}/rois.tsv"):
+        return None
+    networks = read_rois(corpus, storage_options=storage_options)
+    if "network" not in networks or networks["network"].isna().any():
+        return None
+    labels = networks["network"].astype(str).to_numpy()
+    return (labels[:, None] == np.unique(labels)[None, :]).astype(np.float32)
+
+
+def read_reference(corpus: str | Path, cfg: DescriptorConfig | None = None, *,
+                   storage_options: dict | None = None) -> Reference:
+    """The reference-cohort fits of `reference.npz` (ROI networks, reference gradients, group-ICA maps), with the
+    descriptor settings `cfg` (None: the defaults; `corpus_builder.norms.load_reference`). A URL corpus's file is
+    copied to a temporary file first (numpy reads local files)."""
+    cfg = cfg if cfg is not None else DescriptorConfig()
+    fs, path = _corpus_file(corpus, "reference.npz", storage_options)
+    if not _is_url(corpus):
+        return load_reference(Path(path), cfg)
+    with tempfile.TemporaryDirectory(prefix="fmrilm-reference-") as tmp:
+        local = Path(tmp) / "reference.npz"
+        fs.get_file(path, str(local))
+        return load_reference(local, cfg)  # the arrays are in memory once it returns
+
+
+def read_norms(corpus: str | Path, *, storage_options: dict | None = None) -> dict:
+    """`norms.json`: the reference cohort's name and count, and the mean / std of every descriptor and network
+    pair ({"cohort", "count", "mean": {name: value}, "std": {name: value}})."""
+    fs, path = _corpus_file(corpus, "norms.json", storage_options)
+    with fs.open(path, "rb") as f:
+        return json.load(f)
+
+
 # ---- zarr random access -------------------------------------------------------------------------------
 
 class ZarrCorpus:
@@ -309,13 +390,9 @@ class ZarrCorpus:
 
         fs, root = _filesystem(corpus, storage_options)
         root = root.rstrip("/")
-        if not fs.exists(f"{root}/manifest.parquet"):
-            raise InputError(f"{corpus}: {'no such corpus' if not fs.exists(root) else 'no manifest.parquet'}")
+        self.manifest = read_manifest(corpus, storage_options=storage_options)
         self.corpus = str(corpus)
-        with fs.open(f"{root}/manifest.parquet", "rb") as f:
-            self.manifest = pd.read_parquet(f)
-        with fs.open(f"{root}/norms.json", "rb") as f:
-            norms = json.load(f)
+        norms = read_norms(corpus, storage_options=storage_options)
         store = fs.unstrip_protocol(f"{root}/timeseries.zarr") if _is_url(corpus) else f"{root}/timeseries.zarr"
         group = zarr.open_group(store, mode="r", storage_options=storage_options if _is_url(corpus) else None)
         self._ts, self._desc, self._pairs = group["ts"], group["descriptors"], group["fc_pairs"]

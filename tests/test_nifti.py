@@ -13,9 +13,9 @@ from nilearn.maskers import NiftiLabelsMasker
 
 from corpus_builder import sources
 from corpus_builder.config import AtlasConfig, CleaningConfig, SourceConfig
-from corpus_builder.errors import InputError
 from corpus_builder.nifti import LabelAtlas, extract, header_tr, load_image, read_label_table
 from corpus_builder.records import ScanError, ScanRecord
+from fmrilm_core.errors import InputError
 
 SHAPE = (7, 8, 9)
 

@@ -1,7 +1,9 @@
-"""The corpus readers: webdataset for torch, Ray Data, zarr by key; local paths and fsspec URLs."""
+"""The corpus readers: webdataset for torch, Ray Data, zarr by key, the corpus's tables (manifest, split keys,
+ROIs and networks, reference fits, norms); local paths and fsspec URLs."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -16,10 +18,24 @@ import webdataset as wds
 
 from cluster.config import load_config
 from corpus_builder.build import build_corpus
+from corpus_builder.config import DescriptorConfig
 from corpus_builder.descriptors import DESCRIPTOR_NAMES
-from corpus_builder.errors import InputError
-from corpus_builder.readers import open_zarr, ray_dataset, read_captions, shard_urls, torch_dataset
+from corpus_builder.norms import Norms, load_reference
+from corpus_builder.readers import (
+    open_zarr,
+    ray_dataset,
+    read_captions,
+    read_manifest,
+    read_norms,
+    read_reference,
+    read_rois,
+    roi_network_groups,
+    shard_urls,
+    split_keys,
+    torch_dataset,
+)
 from corpus_builder.synth import synthesize
+from fmrilm_core.errors import InputError
 
 T, N = 32, 450
 
@@ -180,3 +196,76 @@ def test_missing_corpus_and_empty_split_are_input_errors(corpus, tmp_path):
         ray_dataset(tmp_path, "train")
     with pytest.raises(InputError, match="no such corpus"):
         open_zarr(f"file://{tmp_path}/nowhere")
+
+
+@pytest.fixture
+def memory_copy(corpus):
+    """The corpus copied into fsspec's in-memory filesystem: its memory:// URL."""
+    fs = fsspec.filesystem("memory")
+    fs.put(str(corpus), "/readers-tables", recursive=True)
+    yield "memory://readers-tables"
+    fs.rm("/readers-tables", recursive=True)
+
+
+def test_read_manifest_and_split_keys(corpus, memory_copy):
+    manifest = read_manifest(corpus)
+    pd.testing.assert_frame_equal(manifest, pd.read_parquet(corpus / "manifest.parquet"))
+    for split in ("train", "val"):
+        assert split_keys(corpus, split) == ok_keys(corpus, split) and ok_keys(corpus, split)
+    failed = manifest.loc[manifest["status"] == "failed", "key"].iloc[0]
+    assert failed not in split_keys(corpus, "train") + split_keys(corpus, "val")  # ok scans only
+    assert split_keys(corpus, "test") == []  # the fixture has no test split
+    assert split_keys(memory_copy, "train") == split_keys(f"file://{corpus}", "train") == ok_keys(corpus, "train")
+    pd.testing.assert_frame_equal(read_manifest(memory_copy), manifest)
+
+
+def test_read_rois_and_network_groups(corpus, memory_copy, tmp_path):
+    rois = read_rois(corpus)
+    assert list(rois.columns) == ["index", "label", "network"] and len(rois) == N
+    assert rois["network"].notna().all()
+    pd.testing.assert_frame_equal(read_rois(memory_copy), rois)
+    groups = roi_network_groups(corpus)
+    networks = sorted(rois["network"].astype(str).unique())
+    assert groups.shape == (N, len(networks)) and groups.dtype == np.float32 and (groups.sum(1) == 1).all()
+    for i, network in enumerate(networks):  # columns in sorted network order
+        assert np.array_equal(groups[:, i] == 1, (rois["network"].astype(str) == network).to_numpy())
+    assert np.array_equal(roi_network_groups(memory_copy), groups)
+    assert roi_network_groups(tmp_path / "nowhere") is None  # no ROI table: no groups
+    partial = rois.copy()
+    partial.loc[3, "network"] = None  # one ROI without a network: no groups either
+    partial.to_csv(tmp_path / "rois.tsv", sep="\t", index=False)
+    assert roi_network_groups(tmp_path) is None
+    with pytest.raises(InputError, match="no rois.tsv"):
+        read_rois(corpus / "shards")  # a folder, but no corpus root
+
+
+def test_read_reference_and_norms(corpus, memory_copy):
+    cfg = DescriptorConfig(gradient_components=5)
+    expected = load_reference(corpus / "reference.npz", cfg)
+    for where in (corpus, str(corpus), f"file://{corpus}", memory_copy):
+        ref = read_reference(where, cfg)
+        assert ref.config == cfg
+        assert np.array_equal(ref.networks, expected.networks) and np.array_equal(ref.gradients, expected.gradients)
+        assert np.array_equal(ref.ica_maps, expected.ica_maps)
+    assert read_reference(corpus).config == DescriptorConfig()
+    assert ref.gradients.shape[0] == N and len(ref.networks) == N
+    norms = read_norms(corpus)
+    saved = Norms.load(corpus / "norms.json")
+    assert (norms["cohort"], norms["count"]) == (saved.cohort, saved.count) and norms["cohort"].endswith("/train")
+    assert set(DESCRIPTOR_NAMES) <= set(norms["mean"]) and set(DESCRIPTOR_NAMES) <= set(norms["std"])
+    as_text = json.dumps(norms, sort_keys=True)  # compared as text: NaN never equals NaN
+    assert as_text == json.dumps(json.loads((corpus / "norms.json").read_text()), sort_keys=True)
+    assert json.dumps(read_norms(memory_copy), sort_keys=True) == as_text
+
+
+def test_corpus_tables_missing_are_input_errors(corpus, tmp_path):
+    for read in (read_manifest, read_rois, read_reference, read_norms):
+        with pytest.raises(InputError, match="no such corpus"):
+            read(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(InputError, match="no reference.npz"):
+        read_reference(tmp_path / "half")
+    with pytest.raises(InputError, match="no manifest.parquet"):
+        split_keys(tmp_path / "half", "train")
+    with pytest.raises(InputError, match="storage_options are only used with fsspec URLs"):
+        read_rois(corpus, storage_options={"anon": True})

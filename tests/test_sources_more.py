@@ -13,10 +13,10 @@ from nibabel.cifti2 import BrainModelAxis, LabelAxis, SeriesAxis
 from corpus_builder import sources
 from corpus_builder.atlas import default_labels
 from corpus_builder.config import AtlasConfig, CleaningConfig, SourceConfig, UKBConfig
-from corpus_builder.errors import InputError
 from corpus_builder.privacy import Pseudonymizer
 from corpus_builder.records import ScanError
 from corpus_builder.sources import ukb_csv
+from fmrilm_core.errors import InputError
 
 KEY = Pseudonymizer(b"test-secret-0123456789")
 T_OUT = 20

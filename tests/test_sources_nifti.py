@@ -14,12 +14,12 @@ import pytest
 from corpus_builder import sources
 from corpus_builder.atlas import roi_table
 from corpus_builder.config import AtlasConfig, CleaningConfig, SourceConfig, SynthConfig, UKBConfig
-from corpus_builder.errors import InputError
 from corpus_builder.privacy import Pseudonymizer
 from corpus_builder.records import RawScan
 from corpus_builder.roi_timeseries import clean_scan
 from corpus_builder.sources.ukb_fields import canonical_field, read_ukb_fields
 from corpus_builder.synth_nifti import CORTICAL, SUBCORTICAL, atlas_config, write_nifti_cohort
+from fmrilm_core.errors import InputError
 
 KEY = Pseudonymizer(b"test-secret-0123456789")
 GRID = (6, 6, 6)

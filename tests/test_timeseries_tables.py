@@ -12,9 +12,9 @@ import zarr
 
 from corpus_builder import sources
 from corpus_builder.config import SourceConfig, SynthConfig
-from corpus_builder.errors import InputError
 from corpus_builder.extraction import discover_all, extract_all
 from corpus_builder.synth import synthesize
+from fmrilm_core.errors import InputError
 
 FMRILM = str(Path(sys.executable).parent / "fmrilm")
 

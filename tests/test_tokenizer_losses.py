@@ -23,6 +23,7 @@ import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from fmrilm_core.llm import smollm2_location  # noqa: E402
 from tests.conftest import TINY_WORDS as WORDS  # noqa: E402
 from tests.conftest import tiny_tokenizer as _tiny_tokenizer  # noqa: E402
 from tokenizer_train.config import TextConfig  # noqa: E402
@@ -46,7 +47,6 @@ from tokenizer_train.text import (  # noqa: E402
     TextEmbeddingSampler,
     load_llm,
     read_text_corpus,
-    smollm2_location,
 )
 
 # --------------------------------------------------------------------------------------------- gradient reversal

@@ -11,12 +11,13 @@ import torch
 from cluster.config import load_config
 from corpus_builder.build import build_corpus
 from corpus_builder.config import SynthConfig
-from corpus_builder.errors import InputError
+from corpus_builder.readers import roi_network_groups
 from corpus_builder.synth import synthesize
+from fmrilm_core.errors import InputError
+from fmrilm_core.runtime import LocalRuntime
 from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.engine import Stage1, build_engine
-from tokenizer_train.runtime import LocalRuntime
-from tokenizer_train.train import roi_network_groups, train
+from tokenizer_train.train import train
 
 T = 32
 

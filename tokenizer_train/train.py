@@ -4,29 +4,27 @@ Ray Train workers: the caller sets up the process group environment (RANK, WORLD
 hands in a `Runtime`.
 
 This module feeds the engine (`engine.py`: `Stage1`, everything stage 1 trains, and its DeepSpeed engine) from
-the corpus reader and the frozen text side (`TextSide`: the LLM's token embeddings and the caption encoder).
+the corpus readers and the frozen text side (`TextSide`: the LLM's token embeddings and the caption encoder).
+Checkpoint save / resume with the config fingerprint and the gathering of ZeRO-3 parameters are the shared ones
+of `fmrilm_core`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
-import deepspeed
 import numpy as np
-import pandas as pd
 import torch
-from torch import nn
 
-from corpus_builder.config import DescriptorConfig
-from corpus_builder.errors import InputError
-from corpus_builder.norms import load_reference
+from corpus_builder.readers import read_reference, roi_network_groups
+from fmrilm_core.checkpoint import config_fingerprint, load_checkpoint, resume_point, save_checkpoint
+from fmrilm_core.engine import gathered
+from fmrilm_core.errors import InputError
+from fmrilm_core.runtime import Runtime
 from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.data import ScanBatches
 from tokenizer_train.engine import Stage1, build_engine, optimize
 from tokenizer_train.losses import dann_lambda, domain_loss, probe_accuracy, retrieval_recall
-from tokenizer_train.runtime import Runtime
 from tokenizer_train.text import (
     DEFAULT_TEXT_CORPUS,
     CaptionEncoder,
@@ -35,13 +33,8 @@ from tokenizer_train.text import (
     read_text_corpus,
 )
 
-CLIENT_STATE = "fmrilm_state.json"
-
-
-def config_fingerprint(cfg: TokenizerTrainConfig) -> str:
-    """What a checkpoint depends on: everything but the run length and the checkpoint cadence."""
-    content = cfg.model_dump(mode="json", exclude={"steps", "checkpoint_every", "eval_every"})
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+# what a checkpoint does not depend on: the run length and the checkpoint / evaluation cadence
+FINGERPRINT_EXCLUDE = {"steps", "checkpoint_every", "eval_every"}
 
 
 class TextSide:
@@ -68,23 +61,6 @@ class TextSide:
         return self.captions.encode(captions)
 
 
-def _gathered(module: nn.Module):
-    """All parameters materialised on every rank (ZeRO-3 partitions them)."""
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
-
-def roi_network_groups(corpus: Path) -> np.ndarray | None:
-    """One-hot ROI -> network membership [N, networks] from the corpus's rois.tsv (None without networks)."""
-    path = Path(corpus) / "rois.tsv"
-    if not path.is_file():
-        return None
-    networks = pd.read_csv(path, sep="\t")
-    if "network" not in networks or networks["network"].isna().any():
-        return None
-    labels = networks["network"].astype(str).to_numpy()
-    return (labels[:, None] == np.unique(labels)[None, :]).astype(np.float32)
-
-
 def train(cfg: TokenizerTrainConfig, corpus: Path, out: Path, runtime: Runtime) -> dict:
     """Train the tokenizer on `corpus`, export it to `out/tokenizer`; returns the final validation metrics."""
     corpus, out = Path(corpus), Path(out)
@@ -92,25 +68,19 @@ def train(cfg: TokenizerTrainConfig, corpus: Path, out: Path, runtime: Runtime) 
     train_data = ScanBatches(corpus, "train", cfg.batch_size, length=m.length, n_rois=m.n_rois, seed=cfg.seed,
                              rank=runtime.rank, world_size=runtime.world_size)
     val_data = ScanBatches(corpus, "val", cfg.batch_size, length=m.length, n_rois=m.n_rois, seed=cfg.seed)
-    fingerprint = config_fingerprint(cfg)
-    latest = runtime.latest_checkpoint()
-    if latest is not None:  # refuse a checkpoint of another config before any work
-        saved = json.loads((latest / CLIENT_STATE).read_text())
-        if saved["fingerprint"] != fingerprint:
-            raise InputError(f"{latest}: checkpoint of another config (fingerprint {saved['fingerprint']}, "
-                             f"this config {fingerprint})")
+    fingerprint = config_fingerprint(cfg, FINGERPRINT_EXCLUDE)
+    latest = resume_point(runtime, fingerprint)  # refuses a checkpoint of another config before any work
     text = TextSide(cfg, corpus, train_data)
 
     torch.manual_seed(cfg.seed)
     roi_gradients = None
     if m.roi_embedding == "gradients":  # the corpus's reference gradients, fitted on its reference cohort
-        roi_gradients = load_reference(corpus / "reference.npz", DescriptorConfig()).gradients
+        roi_gradients = read_reference(corpus).gradients
     module = Stage1(cfg, text.captions.dim, roi_gradients, roi_network_groups(corpus), text.caption_mean)
     engine, _ = build_engine(module, cfg)
     start = 0
     if latest is not None:
-        engine.load_checkpoint(str(latest), tag="engine")
-        start = json.loads((latest / CLIENT_STATE).read_text())["step"]
+        start = load_checkpoint(engine, latest)["step"]
 
     metrics: dict[str, float] = {}
     for step in range(start, cfg.steps):
@@ -125,7 +95,7 @@ def train(cfg: TokenizerTrainConfig, corpus: Path, out: Path, runtime: Runtime) 
             save_checkpoint(engine, runtime, done, fingerprint,
                             {f"train/{k}": float(v) for k, v in losses.items()} | metrics)
 
-    with _gathered(engine.module):
+    with gathered(engine.module):
         if runtime.rank == 0:
             engine.module.tokenizer.save_pretrained(out / "tokenizer")
     if torch.distributed.is_initialized():
@@ -145,16 +115,6 @@ def train_step(engine, cfg: TokenizerTrainConfig, text: TextSide, data: ScanBatc
     return optimize(engine, x.to(device), caption_emb, text_emb, lam, generator)
 
 
-def save_checkpoint(engine, runtime: Runtime, step: int, fingerprint: str, metrics: dict[str, float]) -> None:
-    directory = runtime.checkpoint_dir(step)
-    engine.save_checkpoint(str(directory), tag="engine")
-    if runtime.rank == 0:
-        (directory / CLIENT_STATE).write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    runtime.commit_checkpoint(directory, step, metrics)
-
-
 @torch.no_grad()
 def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: ScanBatches, step: int,
              max_scans: int = 512) -> dict[str, float]:
@@ -166,7 +126,7 @@ def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: Sc
     counts = torch.zeros(cfg.model.codebook_size)
     scans, caps, domain_acc, siglip, probe_latents, probe_text = [], [], [], [], [], []
     device = module.tokenizer.patch_embed.weight.device
-    with _gathered(module):
+    with gathered(module):
         for x, captions, _ in data.all(max_scans):
             x = x.to(device)
             out = module.tokenizer(x, text.text_batch(cfg.text.text_batch, generator).to(device))

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from corpus_builder.config import SourceConfig
-from corpus_builder.errors import InputError
 from corpus_builder.privacy import Pseudonymizer
 from corpus_builder.records import RawScan, ScanError, ScanRecord
 from corpus_builder.roi_timeseries import clean_scan
 from corpus_builder.sources import abcd_cifti, abcd_nifti, fmriprep, reference_h5, tables, ukb_csv, ukb_nifti
+from fmrilm_core.errors import InputError
 
 SOURCES = {"reference_h5": reference_h5, "ukb_csv": ukb_csv, "abcd_cifti": abcd_cifti,
            "fmriprep": fmriprep, "abcd_nifti": abcd_nifti, "ukb_nifti": ukb_nifti, "tables": tables}

@@ -43,9 +43,9 @@ from scipy import sparse
 
 from corpus_builder.atlas import atlas_order, read_networks
 from corpus_builder.config import SourceConfig
-from corpus_builder.errors import InputError
 from corpus_builder.records import RawScan, ScanError, ScanRecord
 from corpus_builder.sources.tables import apply_participant, entities, read_participants
+from fmrilm_core.errors import InputError
 
 DATASET = "ABCD"
 PATTERN = "*_task-rest*bold*.dtseries.nii"

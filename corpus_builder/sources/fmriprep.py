@@ -22,10 +22,10 @@ from pathlib import Path
 import pandas as pd
 
 from corpus_builder.config import SourceConfig
-from corpus_builder.errors import InputError
 from corpus_builder.nifti import LabelAtlas, check_atlas, load_image, read_scan
 from corpus_builder.records import RawScan, ScanError, ScanRecord
 from corpus_builder.sources.tables import apply_participant, read_participants
+from fmrilm_core.errors import InputError
 
 BOLD_SUFFIXES = ("_desc-preproc_bold.nii.gz", "_desc-preproc_bold.nii")
 CONFOUND_SUFFIXES = ("_desc-confounds_timeseries.tsv", "_desc-confounds_regressors.tsv")

@@ -30,10 +30,10 @@ import numpy as np
 
 from corpus_builder.atlas import default_labels
 from corpus_builder.config import SourceConfig
-from corpus_builder.errors import InputError
 from corpus_builder.records import RawScan, ScanError, ScanRecord
 from corpus_builder.sources.abcd_cifti import participant_row
 from corpus_builder.sources.tables import apply_participant, read_participants
+from fmrilm_core.errors import InputError
 
 log = logging.getLogger(__name__)
 

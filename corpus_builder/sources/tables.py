@@ -21,8 +21,8 @@ import pandas as pd
 
 from corpus_builder.atlas import atlas_order, read_networks
 from corpus_builder.config import SourceConfig
-from corpus_builder.errors import InputError
 from corpus_builder.records import RawScan, ScanError, ScanRecord
+from fmrilm_core.errors import InputError
 
 EXTENSIONS = (".tsv.gz", ".csv.gz", ".tsv", ".csv", ".npy")
 _ENTITY = re.compile(r"(sub|ses|task|run|atlas)-([A-Za-z0-9]+)")

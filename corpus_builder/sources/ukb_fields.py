@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from corpus_builder.config import UKBConfig
-from corpus_builder.errors import InputError
+from fmrilm_core.errors import InputError
 
 EID_COLUMNS = ("eid", "f.eid", "participant.eid", "participant_eid")
 _FIELD = re.compile(r"^(\d+)-(\d+)\.(\d+)$")

@@ -1,7 +1,8 @@
 """What a training stage needs from whoever runs it (DESIGN 2): rank, logging, checkpoint storage.
 
-`cluster` hands in a runtime for in-process, torchrun and Ray Train runs (the last backed by
-`ray.train.report` / `ray.train.get_checkpoint`); tests can use `LocalRuntime` directly.
+Every training stage takes a `Runtime`; `cluster` hands one in for in-process, torchrun and Ray Train runs (the
+last backed by `ray.train.report` / `ray.train.get_checkpoint`, built on `LocalRuntime`); tests can use
+`LocalRuntime` directly.
 """
 
 from __future__ import annotations

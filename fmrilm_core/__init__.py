@@ -1,0 +1,13 @@
+"""Training plumbing that more than one stage needs (DESIGN 2), in one home that every stage imports.
+
+- `errors`: `InputError`, the one exception type for bad user input.
+- `config`: `StrictModel`, the base of every typed config.
+- `runtime`: the `Runtime` protocol a stage is handed and `LocalRuntime`, its local implementation.
+- `engine`: the DeepSpeed process group, config, LR schedule and engine builder; `gathered` parameters.
+- `checkpoint`: checkpoint save / resume with the config fingerprint.
+- `llm`: loading a base causal LM from a folder or the shipped SmolLM2 GGUF.
+
+This package imports no stage (`corpus_builder`, `tokenizer_train`, `llm_train`, `cluster`); `cluster` supplies
+the Ray Train runtime on top. Importing it is cheap: torch, DeepSpeed and transformers load only in the modules
+(`engine`, `checkpoint`) or functions (`llm`) that need them.
+"""
