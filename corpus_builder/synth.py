@@ -190,9 +190,12 @@ def synthesize(cfg: SynthConfig, root: Path, progress=None) -> pd.DataFrame:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     labels = default_labels()
+    base = group_fc()
+    if cfg.n_rois is not None and cfg.n_rois < len(labels):  # a principal submatrix of a correlation matrix is one
+        keep = np.unique(np.linspace(0, len(labels) - 1, cfg.n_rois).round().astype(int))
+        labels, base = [labels[i] for i in keep], base[np.ix_(keep, keep)]
     table = roi_table(labels)
     networks = table["network"].to_numpy()
-    base = group_fc()
 
     roi_path = root / f"atlas-{ATLAS_NAME}_dseg.tsv"
     table.rename(columns={"label": "name"}).to_csv(roi_path, sep="\t", index=False)

@@ -1,0 +1,13 @@
+"""Stages 2 and 3: a pretrained causal LLM that reads, predicts and describes brain tokens (DESIGN 1, 3.6).
+
+    vocabulary.py  the K brain tokens and scan markers, their rows initialised from the stage-1 codebook
+    layout.py      the time-major scan layout, the block-causal F2F mask, F2F targets, position ids
+    model.py       AlignModel: backbone (+ the features mode's brain side); forward(batch) -> F2F / F2T / T2T losses
+    data.py        batches: scans through the frozen brain tokenizer, captions, text chunks
+    evaluate.py    F2F accuracy beside its baselines, caption fidelity beside its controls, T2T perplexity
+    train.py       train(cfg, AlignInputs, runtime): the DeepSpeed loop (fmrilm_core), resume first
+    export.py      the saved folder (stock-loadable HF model or PEFT adapter + brain.json) and its loader
+
+Imports torch, transformers, peft, deepspeed (through fmrilm_core) and the stage-1 and corpus packages; never
+`cluster`, ray or mlflow.
+"""

@@ -1,0 +1,136 @@
+"""What stage 2 measures on the val split (issue: F2F accuracy beside two baselines, caption fidelity beside two
+controls, T2T perplexity before and after).
+
+- F2F next-step code accuracy on the block-causal layout, beside *copy* (the code of the step before at the same
+  ROI) and *most frequent code per ROI* (counted on train scans), computed on the same target tokens.
+- Caption fidelity: a caption is generated for each val scan and its claims are read with the corpus builder's own
+  claim reader (`corpus_builder.captions.caption_claims`); fidelity = the share of the true caption's claims the
+  generated one makes. Controls: *shuffled scans* (the caption generated from another val scan, scored against this
+  scan's claims: what the model says without reading this scan) and *constant* (for every claim, the value most
+  common in the train captions).
+- T2T perplexity on held-out documents of the text corpus: over the text rows of the vocabulary only (at step 0 this
+  is exactly the base model's, since new rows do not change the text logits) and over the whole extended vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from corpus_builder.captions import caption_claims
+from llm_train.model import AlignModel
+
+
+def most_frequent_codes(codes: torch.Tensor) -> torch.Tensor:
+    """[S, W, N] codes of train scans -> [N], the most frequent code of each ROI."""
+    flat = codes.permute(2, 0, 1).reshape(codes.shape[2], -1)
+    return torch.mode(flat, dim=1).values
+
+
+@torch.no_grad()
+def f2f_accuracy(model: AlignModel, batches: list[dict], frequent: torch.Tensor) -> dict[str, float]:
+    """Model, copy and most-frequent-per-ROI accuracy of the next step's codes, over the same target tokens."""
+    hits = copy_hits = freq_hits = total = 0
+    for batch in batches:
+        logits, targets = model.f2f_logits(batch)
+        codes = batch["codes"]
+        hits += int((logits.argmax(-1).cpu() == targets.cpu()).sum())
+        copy_hits += int((codes[:, :-1].reshape(targets.shape).cpu() == targets.cpu()).sum())
+        freq = frequent[None, None, :].expand(codes.shape[0], codes.shape[1] - 1, -1).reshape(targets.shape)
+        freq_hits += int((freq.cpu() == targets.cpu()).sum())
+        total += targets.numel()
+    return {"f2f_accuracy": hits / total, "f2f_copy_baseline": copy_hits / total,
+            "f2f_frequent_baseline": freq_hits / total, "f2f_targets": float(total)}
+
+
+@torch.no_grad()
+def generate(model: AlignModel, batch: dict, prompt_ids: list[int], max_new_tokens: int,
+             eos_id: int) -> list[list[int]]:
+    """Greedy continuation of `scan + <|scan_end|> + prompt` for every scan of `batch` (KV cache; brain tokens and
+    markers are never generated). Runs the same number of forward passes on every rank (ZeRO-3 gathers)."""
+    was_training = model.training
+    model.eval()
+    device = batch["codes"].device
+    b = batch["codes"].shape[0]
+    suffix = torch.tensor(prompt_ids, dtype=torch.long, device=device)[None].expand(b, -1)
+    embeds, n_suffix = model.scan_sequence(batch, suffix)
+    positions = model.positions(b, n_suffix, device)
+    out = model.backbone(inputs_embeds=embeds, position_ids=positions, use_cache=True)
+    past, next_pos = out.past_key_values, positions[:, -1] + 1
+    banned = _banned_ids(model)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    generated: list[list[int]] = [[] for _ in range(b)]
+    logits = out.logits[:, -1].float()
+    for _ in range(max_new_tokens):
+        logits[:, banned] = float("-inf")
+        token = logits.argmax(-1)
+        for i in range(b):
+            if not finished[i]:
+                generated[i].append(int(token[i]))
+        finished |= token == eos_id
+        if bool(finished.all()):
+            break
+        out = model.backbone(input_ids=token[:, None], position_ids=next_pos[:, None], past_key_values=past,
+                             use_cache=True)
+        past, next_pos, logits = out.past_key_values, next_pos + 1, out.logits[:, -1].float()
+    model.train(was_training)
+    return [ids[:-1] if ids and ids[-1] == eos_id else ids for ids in generated]
+
+
+def _banned_ids(model: AlignModel) -> torch.Tensor:
+    v = model.vocab
+    ids = [v.scan_start, v.scan_end] + list(range(v.first_id, v.first_id + v.size))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def constant_claims(train_captions: list[str]) -> set[tuple[str, str]]:
+    """For every claim name in the train captions, its most common value."""
+    votes: dict[str, Counter] = {}
+    for caption in train_captions:
+        for name, value in caption_claims(caption):
+            votes.setdefault(name, Counter())[value] += 1
+    return {(name, counter.most_common(1)[0][0]) for name, counter in votes.items()}
+
+
+def caption_fidelity(generated: list[str], true: list[str], constant: set[tuple[str, str]],
+                     seed: int = 0) -> dict[str, float]:
+    """Share of each true caption's claims that the generated caption makes, averaged over scans; beside it the
+    shuffled-scan control (another scan's generated caption) and the constant caption."""
+    truth = [caption_claims(t) for t in true]
+    said = [caption_claims(g) for g in generated]
+    n = len(truth)
+    shift = 1 + int(np.random.default_rng(seed).integers(0, max(1, n - 1)))  # a derangement: never the scan itself
+    other = [(i + shift) % n for i in range(n)] if n > 1 else [0]
+
+    def share(claims: set, target: set) -> float:
+        return len(claims & target) / len(target) if target else float("nan")
+
+    return {"caption_fidelity": float(np.nanmean([share(s, t) for s, t in zip(said, truth)])),
+            "caption_fidelity_shuffled": float(np.nanmean([share(said[other[i]], truth[i]) for i in range(n)])),
+            "caption_fidelity_constant": float(np.nanmean([share(constant, t) for t in truth])),
+            "caption_claims_per_caption": float(np.mean([len(s) for s in said]))}
+
+
+@torch.no_grad()
+def t2t_perplexity(model: AlignModel, tokenizer, docs: list[str], n_text: int, max_tokens: int = 256,
+                   device: torch.device | str = "cpu") -> dict[str, float]:
+    """Perplexity of held-out documents, over the first `n_text` vocabulary rows and over the whole vocabulary."""
+    was_training = model.training
+    model.eval()
+    nll_text = nll_all = count = 0.0
+    for doc in docs:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"][:max_tokens] + [tokenizer.eos_token_id]
+        if len(ids) < 2:
+            continue
+        ids = torch.tensor(ids, device=device)[None]
+        logits = model.backbone(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        target = ids[0, 1:]
+        nll_text += float(F.cross_entropy(logits[:, :n_text], target, reduction="sum"))
+        nll_all += float(F.cross_entropy(logits, target, reduction="sum"))
+        count += len(target)
+    model.train(was_training)
+    return {"t2t_perplexity_text_rows": float(np.exp(nll_text / count)),
+            "t2t_perplexity": float(np.exp(nll_all / count))}

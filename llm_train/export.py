@@ -1,0 +1,137 @@
+"""The saved stage-2/3 model folder (DESIGN 3.6): loadable with stock libraries, and enough for a later stage.
+
+    OUT/config.json + model.safetensors          full fine-tuning: `AutoModelForCausalLM.from_pretrained(OUT)`
+    OUT/adapter_config.json + adapter_model.*    LoRA: `AutoPeftModelForCausalLM.from_pretrained(OUT)`
+    OUT/base/                                    LoRA on a GGUF base: the dequantised base the adapter names
+    OUT/tokenizer.json, tokenizer_config.json    `AutoTokenizer.from_pretrained(OUT)`, with the brain tokens,
+                                                 the markers and a chat template
+    OUT/brain.json                               the brain tokenizer, N, W, layout, markers, input mode, prompt
+    OUT/brain_tokenizer/                         a copy of the stage-1 export, so the folder stands alone
+    OUT/brain_adapter.safetensors                features mode only: projection, ROI embedding, code head
+
+A LoRA adapter names its base by absolute path (peft's `base_model_name_or_path`); stock loaders cannot read a
+GGUF file without being told its name, so a GGUF base is saved dequantised into OUT/base/ first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fmrilm_core.engine import gathered
+from fmrilm_core.errors import InputError
+from fmrilm_core.llm import load_causal_lm, resolve_llm
+from llm_train.model import AlignModel, BrainFeatureAdapter
+from llm_train.vocabulary import SCAN_END, SCAN_START, BrainVocab
+
+FORMAT = "fmrilm-llm"
+FORMAT_VERSION = 1
+META = "brain.json"
+ADAPTER = "brain_adapter.safetensors"
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def atlas_signature(corpus: Path) -> dict:
+    """N and a hash of the corpus's ROI labels in atlas order: a later stage refuses a corpus of another atlas."""
+    from corpus_builder.readers import read_rois
+
+    labels = [str(x) for x in read_rois(corpus)["label"]]
+    return {"n_rois": len(labels), "labels_sha256": hashlib.sha256("\n".join(labels).encode()).hexdigest()[:16]}
+
+
+def save_aligned(model: AlignModel, tokenizer, cfg, brain_tokenizer, tokenizer_dir: Path, corpus: Path, out: Path,
+                 rank: int, stage: str = "align", extra: dict | None = None) -> Path:
+    """Write the model folder (see module doc) on rank 0; every rank must call it (ZeRO-3 gathers parameters)."""
+    out = Path(out)
+    with gathered(model):
+        if rank != 0:
+            return out
+        out.mkdir(parents=True, exist_ok=True)
+        backbone = model.backbone
+        lora = hasattr(backbone, "peft_config")
+        if lora:
+            folder, gguf = resolve_llm(cfg.base) if stage == "align" else (None, None)
+            config = backbone.peft_config["default"]
+            if gguf is not None:  # stock loaders need a plain HF folder as the adapter's base
+                base_dir = out / "base"
+                if not (base_dir / "config.json").is_file():
+                    load_causal_lm(cfg.base, torch_dtype=backbone.dtype).save_pretrained(base_dir)
+                    _base_tokenizer(cfg.base).save_pretrained(base_dir)
+                config.base_model_name_or_path = str(base_dir.resolve())
+            elif folder is not None:
+                config.base_model_name_or_path = str(Path(folder).resolve())
+            backbone.save_pretrained(out)
+        else:
+            backbone.save_pretrained(out, safe_serialization=True)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        tokenizer.save_pretrained(out)
+        if model.adapter is not None:
+            state = {k: v.detach().float().cpu().contiguous() for k, v in model.adapter.state_dict().items()}
+            save_file(state, out / ADAPTER)
+        target = out / "brain_tokenizer"
+        if Path(tokenizer_dir).resolve() != target.resolve():
+            shutil.rmtree(target, ignore_errors=True)
+            brain_tokenizer.save_pretrained(target)
+        c = brain_tokenizer.config
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "stage": stage,
+                "brain_tokenizer": "brain_tokenizer", "n_rois": c.n_rois, "length": c.length, "patch": c.patch,
+                "n_steps": model.n_steps, "codebook_size": c.codebook_size, "layout": "time-major",
+                "markers": {"scan_start": SCAN_START, "scan_end": SCAN_END}, "vocab": model.vocab.to_json(),
+                "input_mode": model.input_mode, "position_ids": model.position_mode, "prompt": cfg.prompt,
+                "prompt_format": "plain", "lora": lora, "base": cfg.base, "atlas": atlas_signature(corpus),
+                **(extra or {})}
+        (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _base_tokenizer(base):
+    from fmrilm_core.llm import load_tokenizer
+
+    return load_tokenizer(base)
+
+
+def read_meta(directory: Path) -> dict:
+    path = Path(directory) / META
+    if not path.is_file():
+        raise InputError(f"{directory}: not an fMRI-LM model folder (no {META}; write one with `fmrilm llm align`)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r} is not "
+                         f"{FORMAT} version {FORMAT_VERSION}")
+    return meta
+
+
+def load_aligned(directory: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(AlignModel in eval mode, tokenizer, BrainTokenizer, meta) of a saved folder, with stock loaders."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenizer_train.model import BrainTokenizer
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if meta["lora"]:
+        from peft import AutoPeftModelForCausalLM
+
+        backbone = AutoPeftModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    else:
+        backbone = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    brain_tokenizer = BrainTokenizer.from_pretrained(directory / meta["brain_tokenizer"], device)
+    adapter = None
+    if meta["input_mode"] == "features":
+        width = backbone.get_input_embeddings().embedding_dim
+        adapter = BrainFeatureAdapter(brain_tokenizer.config.llm_dim, width, meta["n_rois"], meta["codebook_size"])
+        adapter.load_state_dict(load_file(directory / ADAPTER))
+        adapter.to(dtype)
+    model = AlignModel(backbone, BrainVocab(**meta["vocab"]), n_steps=meta["n_steps"], n_rois=meta["n_rois"],
+                       codebook_size=meta["codebook_size"], input_mode=meta["input_mode"],
+                       position_mode=meta["position_ids"], adapter=adapter)
+    return model.to(device).eval(), tokenizer, brain_tokenizer, meta

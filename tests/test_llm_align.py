@@ -1,0 +1,283 @@
+"""Stage 2 on a real DeepSpeed engine (CPU, gloo) with a tiny random Llama: layout, mask, objectives, vocabulary
+rows, training, resume, export and stock loading, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import load_config
+from corpus_builder.build import build_corpus
+from corpus_builder.config import SynthConfig
+from corpus_builder.synth import synthesize
+from fmrilm_core.errors import InputError
+from fmrilm_core.runtime import LocalRuntime
+from llm_train.config import LLMAlignConfig
+from llm_train.data import CaptionSuffix
+from llm_train.layout import additive_mask, block_causal_mask, f2f_targets, position_ids
+from llm_train.model import IGNORE
+from llm_train.train import AlignInputs, build_model, load_brain_tokenizer, train
+from tests.conftest import TINY_WORDS, tiny_tokenizer
+from tokenizer_train.config import TokenizerTrainConfig
+from tokenizer_train.train import train as train_tokenizer
+
+N_ROIS, T, PATCH = 12, 32, 8  # W = 4 steps of 12 ROI tokens
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 16) with a context long enough for a scan and its caption."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llm_long")
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=len(TINY_WORDS) + 4, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, llm_dir):
+    """A 12-ROI synthetic corpus and a stage-1 tokenizer trained on it against the tiny LLM."""
+    import ray
+
+    root = tmp_path_factory.mktemp("stage2")
+    synthesize(SynthConfig(subjects=16, length_scale=0.3, datasets=["UKB", "ABCD"], n_rois=N_ROIS), root / "src")
+    cfg = load_config(None, [f"corpus.source.cleaning.length={T}", f"corpus.source.atlas.n_rois={N_ROIS}",
+                             "corpus.build.shard_size=8", "corpus.build.workers=2",
+                             "corpus.splits.fractions=[0.6,0.4,0.0]"])
+    build_corpus([str(root / "src")], cfg.corpus, root / "corpus")
+    ray.shutdown()
+    tok_cfg = TokenizerTrainConfig.model_validate({
+        "model": {"n_rois": N_ROIS, "length": T, "patch": PATCH, "dim": 16, "depth": 1, "heads": 2,
+                  "codebook_size": 16, "code_dim": 8, "llm_dim": 16, "decoder_depth": 1},
+        "text": {"llm": str(llm_dir), "text_batch": 64}, "optim": {"warmup_steps": 1},
+        "batch_size": 4, "steps": 4, "checkpoint_every": 4, "eval_every": 4})
+    train_tokenizer(tok_cfg, root / "corpus", root / "tok", LocalRuntime(root / "tok" / "checkpoints"))
+    return root / "corpus", root / "tok" / "tokenizer"
+
+
+def align_cfg(llm_dir: Path, **extra) -> LLMAlignConfig:
+    data = {"base": str(llm_dir), "batch_size": 2, "steps": 6, "checkpoint_every": 3, "eval_every": 6,
+            "max_caption_tokens": 48, "t2t_tokens": 16, "optim": {"lr": 3e-3, "warmup_steps": 1},
+            "eval": {"scans": 8, "caption_scans": 4, "max_new_tokens": 8, "t2t_docs": 4}}
+    data.update(extra)
+    return LLMAlignConfig.model_validate(data)
+
+
+# ---- the layout, on hand-made examples ------------------------------------------------------------------
+
+
+def test_no_token_sees_a_later_step_and_every_token_sees_its_whole_step():
+    w, n = 3, 2
+    allowed = block_causal_mask(w, n, prefix=1, suffix=2)
+    step = [-1] + [s for s in range(w) for _ in range(n)] + [-1, -1]
+    for i in range(len(step)):
+        for j in range(len(step)):
+            if 1 <= i <= w * n and 1 <= j <= w * n:
+                assert bool(allowed[i, j]) == (step[j] <= step[i]), (i, j)
+            else:
+                assert bool(allowed[i, j]) == (j <= i), (i, j)
+
+
+def test_block_causal_mask_holds_inside_a_real_model(llm_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    w, n = 3, 4
+    ids = torch.randint(4, 14, (1, 1 + w * n))
+    mask = additive_mask(block_causal_mask(w, n), torch.float32)
+    base = model(input_ids=ids, attention_mask=mask).logits
+    changed = ids.clone()
+    changed[0, 1 + 2 * n + 3] = 4 + (int(ids[0, 1 + 2 * n + 3]) - 3) % 10  # a token of the last step
+    moved = (model(input_ids=changed, attention_mask=mask).logits - base).abs().amax(-1)[0]
+    assert float(moved[: 1 + 2 * n].max()) == 0.0  # steps 0 and 1 never see step 2
+    assert float(moved[1 + 2 * n: 1 + 3 * n].min()) > 0  # every token of step 2 sees it
+
+
+def test_f2f_targets_are_the_next_steps_codes_at_the_same_roi():
+    codes = torch.tensor([[[10, 11], [20, 21], [30, 31]]])  # 3 steps x 2 ROIs, time-major
+    positions, targets = f2f_targets(codes)
+    # token (w, n) sits at 1 + w * 2 + n (after <|scan_start|>) and predicts (w + 1, n)
+    assert positions.tolist() == [1, 2, 3, 4]
+    assert targets.tolist() == [[20, 21, 30, 31]]
+
+
+def test_position_ids_per_step_share_one_id_per_step():
+    assert position_ids(2, 3, 2, "per_step").tolist() == [0, 1, 1, 1, 2, 2, 2, 3, 4]
+    assert position_ids(2, 3, 2, "sequential").tolist() == list(range(9))
+
+
+def test_f2t_loss_is_on_caption_tokens_only(llm_dir):
+    tokenizer = tiny_tokenizer()
+    suffix = CaptionSuffix(tokenizer, "the brain is", 32)
+    batch = suffix(["default network strongly coupled", "visual"])
+    prompt = len(tokenizer("the brain is\n", add_special_tokens=False)["input_ids"])
+    labels, ids, mask = batch["suffix_labels"], batch["suffix_ids"], batch["suffix_mask"]
+    assert (labels[:, :prompt] == IGNORE).all()
+    assert labels[0, prompt:].tolist() == ids[0, prompt:].tolist()  # caption + eos, no padding in the longest
+    assert labels[1].tolist()[prompt:] == [TINY_WORDS.index("visual") + 4, tokenizer.eos_token_id] + [IGNORE] * 3
+    assert mask[1].tolist() == [1] * (prompt + 2) + [0] * 3
+
+
+def test_per_step_positions_need_the_features_mode():
+    with pytest.raises(ValueError, match="blind to which ROI"):
+        LLMAlignConfig(position_ids="per_step", input_mode="tokens")
+    LLMAlignConfig(position_ids="per_step", input_mode="features")
+
+
+# ---- the model: vocabulary rows, optimizer ---------------------------------------------------------------
+
+
+def test_brain_rows_start_from_the_codebook_in_the_llms_space(stage1, llm_dir):
+    _, tok_dir = stage1
+    brain = load_brain_tokenizer(tok_dir)
+    model, tokenizer, n_text, _ = build_model(align_cfg(llm_dir), brain, {"zero_optimization": {"stage": 0}})
+    v = model.vocab
+    assert (v.first_id, v.size) == (n_text + 2, brain.config.codebook_size)
+    assert tokenizer.convert_ids_to_tokens(v.first_id + 5) == "<|brain_5|>"
+    codebook = brain.codebook.float()  # to_llm(codes): the LLM's space, where stage 1's domain loss aligned them
+    for weight in (model.backbone.get_input_embeddings().weight, model.backbone.get_output_embeddings().weight):
+        rows = weight[v.first_id: v.first_id + v.size].detach().float()
+        scale = rows.norm() / codebook.norm()
+        torch.testing.assert_close(rows, codebook * scale, rtol=1e-5, atol=1e-6)  # one scalar, same directions
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_every_trainable_parameter_is_in_the_optimizer(stage1, llm_dir, lora):
+    from fmrilm_core.engine import build_engine
+
+    _, tok_dir = stage1
+    cfg = align_cfg(llm_dir, lora={"enabled": lora, "r": 2, "alpha": 4})
+    model, _, n_text, _ = build_model(cfg, load_brain_tokenizer(tok_dir), {"zero_optimization": {"stage": 0}})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    _, optimizer = build_engine(model, [{"params": trainable}], {"train_micro_batch_size_per_gpu": 1,
+                                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}},
+                                lambda s: 1.0)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert {n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_optimizer} == set()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if lora:  # adapters and the new vocabulary rows, nothing of the frozen base
+        assert any("lora_A" in n for n in names) and any("trainable_tokens" in n for n in names)
+        assert not any(n.endswith("embed_tokens.weight") or n.endswith("q_proj.base_layer.weight") for n in names)
+    else:
+        assert any(n.endswith("embed_tokens.weight") for n in names)
+
+
+# ---- training end to end ----------------------------------------------------------------------------------
+
+
+def test_align_trains_measures_and_saves_a_stock_loadable_model(stage1, llm_dir, tmp_path):
+    corpus, tok_dir = stage1
+    cfg = align_cfg(llm_dir, steps=40, eval_every=40, checkpoint_every=40)
+    out = tmp_path / "llm"
+    metrics = train(cfg, AlignInputs(corpus, tok_dir, out), LocalRuntime(out / "checkpoints"))
+    for key in ("f2f_accuracy", "f2f_copy_baseline", "f2f_frequent_baseline", "caption_fidelity",
+                "caption_fidelity_shuffled", "caption_fidelity_constant", "t2t_perplexity", "t2t_perplexity_base"):
+        assert f"val/{key}" in metrics, key
+    assert metrics["val/f2f_accuracy"] > metrics["val/f2f_copy_baseline"]
+    meta = json.loads((out / "brain.json").read_text())
+    assert (meta["n_rois"], meta["n_steps"], meta["layout"]) == (N_ROIS, T // PATCH, "time-major")
+    code = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); t = AutoTokenizer.from_pretrained({str(out)!r})\n"
+            f"assert t.convert_tokens_to_ids('<|brain_3|>') == {meta['vocab']['first_id'] + 3}\n"
+            f"assert m.get_input_embeddings().weight.shape[0] == len(t)\nprint('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+class StopAfter(LocalRuntime):
+    """A runtime that stops the run right after committing the checkpoint of `step` (a killed job)."""
+
+    def __init__(self, root, step):
+        super().__init__(root)
+        self.stop = step
+
+    def commit_checkpoint(self, directory, step, metrics):
+        super().commit_checkpoint(directory, step, metrics)
+        if step == self.stop:
+            raise KeyboardInterrupt
+
+
+def test_lora_resumes_exactly_and_saves_an_adapter_stock_peft_loads(stage1, llm_dir, tmp_path):
+    corpus, tok_dir = stage1
+    cfg = align_cfg(llm_dir, lora={"enabled": True, "r": 2, "alpha": 4}, eval={"scans": 4, "caption_scans": 2,
+                                                                                 "max_new_tokens": 4, "t2t_docs": 2})
+    whole = train(cfg, AlignInputs(corpus, tok_dir, tmp_path / "a"), LocalRuntime(tmp_path / "a" / "checkpoints"))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, AlignInputs(corpus, tok_dir, tmp_path / "b"), StopAfter(tmp_path / "b" / "checkpoints", 3))
+    resumed = train(cfg, AlignInputs(corpus, tok_dir, tmp_path / "b"), LocalRuntime(tmp_path / "b" / "checkpoints"))
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-5)
+    assert resumed["val/f2f_accuracy"] == pytest.approx(whole["val/f2f_accuracy"])
+
+    out = tmp_path / "b"
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        names = list(f.keys())
+        assert any("lora_A" in n for n in names) and any("trainable_tokens" in n for n in names)
+        assert all(f.get_tensor(n).numel() > 0 for n in names)
+    meta = json.loads((out / "brain.json").read_text())
+    code = (f"import torch\nfrom peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n"
+            f"m = AutoPeftModelForCausalLM.from_pretrained({str(out)!r})\n"
+            f"ids = torch.tensor([[{meta['vocab']['scan_start']}, {meta['vocab']['first_id']}, 4, 5]])\n"
+            f"print(m(input_ids=ids).logits[0, -1, :3].tolist())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    from llm_train.export import load_aligned
+
+    model, _, _, _ = load_aligned(out)  # the same numbers through our loader: the adapter holds the trained rows
+    ids = torch.tensor([[meta["vocab"]["scan_start"], meta["vocab"]["first_id"], 4, 5]])
+    ours = model.backbone(input_ids=ids).logits[0, -1, :3].tolist()
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == pytest.approx(ours, abs=1e-5)
+
+
+def test_features_mode_trains_and_saves_its_brain_side(stage1, llm_dir, tmp_path):
+    corpus, tok_dir = stage1
+    cfg = align_cfg(llm_dir, input_mode="features", position_ids="per_step", steps=4, checkpoint_every=4,
+                    eval_every=4)
+    metrics = train(cfg, AlignInputs(corpus, tok_dir, tmp_path), LocalRuntime(tmp_path / "checkpoints"))
+    assert 0 <= metrics["val/f2f_accuracy"] <= 1 and (tmp_path / "brain_adapter.safetensors").is_file()
+    from llm_train.export import load_aligned
+
+    model, tokenizer, _, meta = load_aligned(tmp_path)
+    assert (meta["input_mode"], meta["position_ids"]) == ("features", "per_step")
+    assert "<|brain_0|>" not in tokenizer.get_vocab() and "<|scan_start|>" in tokenizer.get_vocab()
+
+
+def test_bad_inputs_fail_in_one_line_before_training(stage1, llm_dir, tiny_llm_dir, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    corpus, tok_dir = stage1
+    wide = tmp_path / "wide"
+    LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=512)).save_pretrained(wide)
+    tiny_tokenizer().save_pretrained(wide)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    cases = [(wide, "embedding width 32.*llm_dim 16"), (tiny_llm_dir, "beyond the backbone's context of 64"),
+             (empty, "has no weights")]
+    for base, message in cases:
+        with pytest.raises(InputError, match=message) as err:
+            train(align_cfg(base), AlignInputs(corpus, tok_dir, tmp_path / "x"), LocalRuntime(tmp_path / "x" / "c"))
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "x" / "c").exists()  # no step ran, no checkpoint
+
+    other = tmp_path / "tok_other"
+    brain = load_brain_tokenizer(tok_dir)
+    config = brain.config.model_copy(update={"n_rois": N_ROIS + 1})
+    from tokenizer_train.model import BrainTokenizer
+
+    BrainTokenizer(config).save_pretrained(other)
+    with pytest.raises(InputError, match=f"N={N_ROIS + 1}"):
+        train(align_cfg(llm_dir), AlignInputs(corpus, other, tmp_path / "y"), LocalRuntime(tmp_path / "y" / "c"))
