@@ -1,6 +1,8 @@
 """Running a training stage: in-process (also each rank under torchrun), or as a Ray Train `TorchTrainer`.
 
-A stage is a plain function `train(cfg, corpus, out, runtime)`; this module supplies the runtime:
+A stage is a plain function `train(cfg, inputs, runtime)` whose typed `inputs` (a small dataclass of the stage:
+`TokenizerInputs`, `AlignInputs`, ...) name what it reads and its output folder `inputs.out`; one generic
+`run_training` runs any of them and supplies the runtime:
 - `LocalRuntime` (fmrilm_core.runtime): checkpoints in a shared folder, rank-0 logging; used in-process and
   by every rank under `torchrun` (which sets RANK / WORLD_SIZE / MASTER_ADDR for DeepSpeed);
 - `RayTrainRuntime`: checkpoints through `ray.train.report` into the run's `storage_path`, resume from
@@ -62,19 +64,20 @@ def mlflow_logger(tracker: Tracker, run_id: str | None) -> Callable[[dict[str, f
     return log
 
 
-def run_training(train_fn, cfg, corpus: Path, out: Path, *, workers: int, log_fn, storage: Path,
-                 name: str) -> dict:
-    """Run `train_fn(cfg, corpus, out, runtime)` in-process (workers == 0) or on `workers` Ray Train workers."""
+def run_training(train_fn, cfg, inputs, *, workers: int, log_fn, storage: Path, name: str,
+                 max_failures: int = 2) -> dict:
+    """Run `train_fn(cfg, inputs, runtime)` in-process (workers == 0; checkpoints in `inputs.out/checkpoints`) or
+    on `workers` Ray Train workers (a failed worker group restarts from the last checkpoint, `max_failures` times)."""
     if workers == 0:
-        return train_fn(cfg, corpus, out, LocalRuntime(out / "checkpoints", log_fn))
+        return train_fn(cfg, inputs, LocalRuntime(Path(inputs.out) / "checkpoints", log_fn))
 
     import ray
     import torch
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     def loop(config: dict) -> None:
-        train_fn(cfg, corpus, out, RayTrainRuntime(log_fn))  # the last checkpoint report carries the metrics
+        train_fn(cfg, inputs, RayTrainRuntime(log_fn))  # the last checkpoint report carries the metrics
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
@@ -84,7 +87,8 @@ def run_training(train_fn, cfg, corpus: Path, out: Path, *, workers: int, log_fn
         loop,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve())),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
+                             failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()
-    return {k.removeprefix("val/"): v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

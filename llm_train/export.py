@@ -38,12 +38,16 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def labels_signature(labels: list[str]) -> str:
+    return hashlib.sha256("\n".join(str(x) for x in labels).encode()).hexdigest()[:16]
+
+
 def atlas_signature(corpus: Path) -> dict:
     """N and a hash of the corpus's ROI labels in atlas order: a later stage refuses a corpus of another atlas."""
     from corpus_builder.readers import read_rois
 
     labels = [str(x) for x in read_rois(corpus)["label"]]
-    return {"n_rois": len(labels), "labels_sha256": hashlib.sha256("\n".join(labels).encode()).hexdigest()[:16]}
+    return {"n_rois": len(labels), "labels_sha256": labels_signature(labels)}
 
 
 def save_aligned(model: AlignModel, tokenizer, cfg, brain_tokenizer, tokenizer_dir: Path, corpus: Path, out: Path,

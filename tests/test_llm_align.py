@@ -24,6 +24,7 @@ from llm_train.model import IGNORE
 from llm_train.train import AlignInputs, build_model, load_brain_tokenizer, train
 from tests.conftest import TINY_WORDS, tiny_tokenizer
 from tokenizer_train.config import TokenizerTrainConfig
+from tokenizer_train.train import TokenizerInputs
 from tokenizer_train.train import train as train_tokenizer
 
 N_ROIS, T, PATCH = 12, 32, 8  # W = 4 steps of 12 ROI tokens
@@ -61,7 +62,7 @@ def stage1(tmp_path_factory, llm_dir):
                   "codebook_size": 16, "code_dim": 8, "llm_dim": 16, "decoder_depth": 1},
         "text": {"llm": str(llm_dir), "text_batch": 64}, "optim": {"warmup_steps": 1},
         "batch_size": 4, "steps": 4, "checkpoint_every": 4, "eval_every": 4})
-    train_tokenizer(tok_cfg, root / "corpus", root / "tok", LocalRuntime(root / "tok" / "checkpoints"))
+    train_tokenizer(tok_cfg, TokenizerInputs(root / "corpus", root / "tok"), LocalRuntime(root / "tok" / "checkpoints"))
     return root / "corpus", root / "tok" / "tokenizer"
 
 
@@ -193,6 +194,20 @@ def test_align_trains_measures_and_saves_a_stock_loadable_model(stage1, llm_dir,
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
+    # `fmrilm ask` in a fresh process, on a corpus key and on a raw file of the tables layout
+    from corpus_builder.readers import split_keys
+
+    key = split_keys(corpus, "val")[0]
+    scan_file = sorted((corpus.parent / "src").rglob("*_timeseries.npy"))[0]
+    fmrilm = [sys.executable, "-m", "cluster.cli", "ask", "--model", str(out), "--max-new-tokens", "6"]
+    for where in (["--scan", key, "--corpus", str(corpus)], ["--scan", str(scan_file)]):
+        done = subprocess.run(fmrilm + where + ["Describe this scan."], capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).parents[1])
+        assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]
+    bad = subprocess.run(fmrilm + ["--scan", "nope", "--corpus", str(corpus), "Describe."], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {corpus}: no scan with key 'nope'"
+
 
 class StopAfter(LocalRuntime):
     """A runtime that stops the run right after committing the checkpoint of `step` (a killed job)."""
@@ -254,7 +269,7 @@ def test_features_mode_trains_and_saves_its_brain_side(stage1, llm_dir, tmp_path
     assert "<|brain_0|>" not in tokenizer.get_vocab() and "<|scan_start|>" in tokenizer.get_vocab()
 
 
-def test_bad_inputs_fail_in_one_line_before_training(stage1, llm_dir, tiny_llm_dir, tmp_path):
+def test_bad_inputs_fail_in_one_line_before_training(stage1, llm_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     corpus, tok_dir = stage1
@@ -262,10 +277,14 @@ def test_bad_inputs_fail_in_one_line_before_training(stage1, llm_dir, tiny_llm_d
     LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, max_position_embeddings=512)).save_pretrained(wide)
     tiny_tokenizer().save_pretrained(wide)
+    short = tmp_path / "short"
+    LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=64)).save_pretrained(short)
+    tiny_tokenizer().save_pretrained(short)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
-    cases = [(wide, "embedding width 32.*llm_dim 16"), (tiny_llm_dir, "beyond the backbone's context of 64"),
+    cases = [(wide, "embedding width 32.*llm_dim 16"), (short, "beyond the backbone's context of 64"),
              (empty, "has no weights")]
     for base, message in cases:
         with pytest.raises(InputError, match=message) as err:

@@ -17,7 +17,7 @@ from fmrilm_core.errors import InputError
 from fmrilm_core.runtime import LocalRuntime
 from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.engine import Stage1, build_engine
-from tokenizer_train.train import train
+from tokenizer_train.train import TokenizerInputs, train
 
 T = 32
 
@@ -145,12 +145,12 @@ def test_scan_embedding_groups_start_from_the_corpus_networks(corpus, tiny_llm_d
 
 def test_resume_reaches_the_same_final_loss(corpus, tiny_llm_dir, tmp_path):
     cfg = tiny_cfg(tiny_llm_dir)
-    straight = train(cfg, corpus, tmp_path / "a", LocalRuntime(tmp_path / "a" / "ckpt"))
+    straight = train(cfg, TokenizerInputs(corpus, tmp_path / "a"), LocalRuntime(tmp_path / "a" / "ckpt"))
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, corpus, tmp_path / "b", StopAfter(tmp_path / "b" / "ckpt", 3))
+        train(cfg, TokenizerInputs(corpus, tmp_path / "b"), StopAfter(tmp_path / "b" / "ckpt", 3))
     runtime = LocalRuntime(tmp_path / "b" / "ckpt")
     assert runtime.latest_checkpoint().name == "step_00000003"
-    resumed = train(cfg, corpus, tmp_path / "b", runtime)
+    resumed = train(cfg, TokenizerInputs(corpus, tmp_path / "b"), runtime)
     assert resumed["final_loss"] == pytest.approx(straight["final_loss"], abs=1e-5)
     assert resumed["val/reconstruction_r2"] == pytest.approx(straight["val/reconstruction_r2"], abs=1e-5)
 
@@ -160,7 +160,7 @@ def test_bf16_training_validates_checkpoints_and_exports(corpus, tiny_llm_dir, t
     from tokenizer_train import BrainTokenizer
 
     cfg = tiny_cfg(tiny_llm_dir, precision="bf16", steps=3, deepspeed="configs/deepspeed/zero2.json")
-    metrics = train(cfg, corpus, tmp_path / "out", LocalRuntime(tmp_path / "ckpt"))
+    metrics = train(cfg, TokenizerInputs(corpus, tmp_path / "out"), LocalRuntime(tmp_path / "ckpt"))
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     assert 0 <= metrics["val/domain_probe_accuracy"] <= 1 and 0 <= metrics["val/domain_mlp_probe_accuracy"] <= 1
     assert metrics["val/reconstruction_r2"] < 1
@@ -189,7 +189,7 @@ def test_bad_input_fails_before_any_step(corpus, tiny_llm_dir, tmp_path):
     assert tiny_cfg(tiny_llm_dir, batch_size=1, loss={"contrastive": 0.0}).batch_size == 1
     # a checkpoint of another config is refused
     cfg = tiny_cfg(tiny_llm_dir, steps=3)
-    train(cfg, corpus, tmp_path / "o", LocalRuntime(tmp_path / "c"))
+    train(cfg, TokenizerInputs(corpus, tmp_path / "o"), LocalRuntime(tmp_path / "c"))
     other = tiny_cfg(tiny_llm_dir, steps=3, loss={"domain": 0.0})
     with pytest.raises(InputError, match="checkpoint of another config"):
         train(other, corpus, tmp_path / "o2", LocalRuntime(tmp_path / "c"))
@@ -224,11 +224,11 @@ def test_ray_train_two_workers_zero_stage_trains_and_exports(corpus, tiny_llm_di
     cfg = tiny_cfg(tiny_llm_dir, steps=4, checkpoint_every=2, eval_every=4,
                    deepspeed=str(root / "configs" / "deepspeed" / f"zero{stage}.json"))
     try:
-        metrics = run_training(train, cfg, corpus, tmp_path / "out", workers=2, log_fn=None,
+        metrics = run_training(train, cfg, TokenizerInputs(corpus, tmp_path / "out"), workers=2, log_fn=None,
                                storage=tmp_path / "ray", name=f"zero{stage}")
     finally:
         ray.shutdown()
-    assert "reconstruction_r2" in metrics
+    assert "val/reconstruction_r2" in metrics
     from tokenizer_train import BrainTokenizer
 
     tok = BrainTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")

@@ -21,11 +21,11 @@ def test_pipeline_records_parent_children_params_and_lineage(tiny_pipeline):
     assert result.tracking_uri == f"sqlite:///{work.resolve() / 'mlflow.db'}"
     client = MlflowClient(result.tracking_uri)
     runs = runs_by_name(client)
-    assert set(runs) == {"pipeline", "synth", "corpus", "tokenizer"}
+    assert set(runs) == {"pipeline", "synth", "corpus", "tokenizer", "align"}
     parent = runs["pipeline"]
     assert parent.info.run_id == result.run_id and parent.info.status == "FINISHED"
     assert PARENT_TAG not in parent.data.tags
-    for child in ("synth", "corpus", "tokenizer"):
+    for child in ("synth", "corpus", "tokenizer", "align"):
         assert runs[child].data.tags[PARENT_TAG] == parent.info.run_id
         assert runs[child].info.status == "FINISHED"
     # flattened config as params, --set overrides included
@@ -40,6 +40,12 @@ def test_pipeline_records_parent_children_params_and_lineage(tiny_pipeline):
     assert runs["tokenizer"].data.params["model.dim"] == "16"
     assert "val/reconstruction_r2" in runs["tokenizer"].data.metrics
     assert {"tokenizer", "metrics.json"} <= {a.path for a in client.list_artifacts(runs["tokenizer"].info.run_id)}
+    # stage 2 reads the tokenizer's output, its sizes from the corpus (12 ROIs), and keeps its model as artifacts
+    assert runs["align"].data.tags[INPUT_RUN_TAG] == runs["tokenizer"].info.run_id
+    assert runs["tokenizer"].data.params["model.n_rois"] == "12"
+    assert "val/f2f_accuracy" in runs["align"].data.metrics
+    assert {"brain.json", "metrics.json", "brain_tokenizer"} <= {
+        a.path for a in client.list_artifacts(runs["align"].info.run_id)}
     artifacts = {a.path for a in client.list_artifacts(runs["corpus"].info.run_id)}
     assert {"norms.json", "summary.json", "rois.tsv", "reference.npz", "config.resolved.yaml"} <= artifacts
     # the resolved config sits next to every output

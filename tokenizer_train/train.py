@@ -1,7 +1,7 @@
-"""Stage 1 training: `train(cfg, corpus, out, runtime)`, a loop of train_step / checkpoint / validate with resume
-as the first thing it does (torchtitan style). The same code runs in one process, under torchrun and inside
-Ray Train workers: the caller sets up the process group environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and
-hands in a `Runtime`.
+"""Stage 1 training: `train(cfg, TokenizerInputs(corpus, out), runtime)`, a loop of train_step / checkpoint /
+validate with resume as the first thing it does (torchtitan style). The same code runs in one process, under
+torchrun and inside Ray Train workers: the caller sets up the process group environment (RANK, WORLD_SIZE,
+MASTER_ADDR/PORT) and hands in a `Runtime`.
 
 This module feeds the engine (`engine.py`: `Stage1`, everything stage 1 trains, and its DeepSpeed engine) from
 the corpus readers and the frozen text side (`TextSide`: the LLM's token embeddings and the caption encoder).
@@ -11,6 +11,7 @@ of `fmrilm_core`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +62,18 @@ class TextSide:
         return self.captions.encode(captions)
 
 
-def train(cfg: TokenizerTrainConfig, corpus: Path, out: Path, runtime: Runtime) -> dict:
-    """Train the tokenizer on `corpus`, export it to `out/tokenizer`; returns the final validation metrics."""
-    corpus, out = Path(corpus), Path(out)
+@dataclass(frozen=True)
+class TokenizerInputs:
+    """What stage 1 reads and writes: the corpus, and the output folder (export in `out/tokenizer`)."""
+
+    corpus: Path
+    out: Path
+
+
+def train(cfg: TokenizerTrainConfig, inputs: TokenizerInputs, runtime: Runtime) -> dict:
+    """Train the tokenizer on `inputs.corpus`, export it to `inputs.out/tokenizer`; returns the final validation
+    metrics."""
+    corpus, out = Path(inputs.corpus), Path(inputs.out)
     m = cfg.model
     train_data = ScanBatches(corpus, "train", cfg.batch_size, length=m.length, n_rois=m.n_rois, seed=cfg.seed,
                              rank=runtime.rank, world_size=runtime.world_size)

@@ -141,3 +141,35 @@ def load(record: ScanRecord, cfg: SourceConfig) -> RawScan:
     if "confounds" in record.extra:
         confounds = pd.read_csv(record.extra["confounds"], sep="\t", na_values=["n/a"])
     return RawScan(data=data, labels=labels, tr=record.tr, confounds=confounds)
+
+
+def clean_file(path: Path, cfg: SourceConfig, n_rois: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """One scan file of the tables layout, cleaned exactly as a corpus build cleans it: X [T, N] in atlas order
+    and its ROI labels (`n_rois`: the count expected). For `fmrilm ask --scan FILE`; no participant row is
+    needed. A file that cannot be used is an InputError naming it."""
+    from corpus_builder.roi_timeseries import clean_scan
+
+    path = Path(path)
+    if not path.is_file() or not _is_series(path):
+        raise InputError(f"{path}: not a scan of the tables layout (*_timeseries.{{tsv,tsv.gz,csv,csv.gz,npy}})")
+    ent = entities(path)
+    record = ScanRecord(dataset="scan", subject="scan", session="1", run="1", source_path=str(path),
+                        loader="tables", extra={"atlas": ent.get("atlas")})
+    root = next((p for p in path.parents if (p / "participants.tsv").is_file()), path.parent)
+    networks = root / f"atlas-{ent.get('atlas')}_networks.tsv"
+    if "atlas" in ent and networks.is_file():
+        record.extra["networks"] = str(networks)
+    sidecar = path.with_name(_stem(path) + ".json")
+    try:
+        record.tr = float(json.loads(sidecar.read_text())["RepetitionTime"])
+    except (OSError, KeyError, ValueError, TypeError):
+        raise InputError(f"{path}: no RepetitionTime in its .json sidecar {sidecar.name}") from None
+    confounds = path.with_name(re.sub(r"_atlas-[A-Za-z0-9]+_timeseries.*$", "_desc-confounds_timeseries.tsv",
+                                      path.name))
+    if confounds.is_file():
+        record.extra["confounds"] = str(confounds)
+    try:
+        x, labels, _ = clean_scan(load(record, cfg), cfg.cleaning, n_rois)
+    except (ScanError, OSError, ValueError) as err:
+        raise InputError(f"{path}: {err}") from None
+    return x, labels
