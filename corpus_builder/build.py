@@ -14,8 +14,12 @@ Three passes, each a Ray task per shard, so every scan is extracted once and des
 
 Resume: each pass leaves a marker per shard; a re-run skips what is marked and redoes the rest (a killed
 task leaves no marker). The same inputs and config give byte-identical tars (fixed mtime, sorted JSON,
-seeded captions, seeded Louvain / ICA). A corpus built with another config is refused unless
-`overwrite`.
+seeded captions, seeded Louvain / ICA). A corpus built with another config, seed or source files is refused
+unless `overwrite`.
+
+Finished: the last thing a build writes is `complete.json` (config fingerprint, seed, a fingerprint of the
+source files, the summary). A build over a finished corpus of the same inputs returns that summary before
+discovering sources or starting Ray (`finished_build`), in the time it takes to list the source folders.
 """
 
 from __future__ import annotations
@@ -42,15 +46,17 @@ from corpus_builder.atlas import roi_table
 from corpus_builder.captions import caption_for
 from corpus_builder.config import CorpusConfig
 from corpus_builder.descriptors import DESCRIPTOR_NAMES, PAIR_NAMES, Descriptors, compute_descriptors
-from corpus_builder.errors import InputError
 from corpus_builder.extraction import discover_all, failure_reason
 from corpus_builder.instructions import instruction_items
 from corpus_builder.norms import Norms, fit_reference, load_reference, save_reference
 from corpus_builder.polish import CaptionPolisher
+from corpus_builder.privacy import KEY_ENV, KEY_FILE_ENV
 from corpus_builder.records import PHENOTYPES, ScanRecord
 from corpus_builder.splits import SPLITS, assign_splits
+from fmrilm_core.errors import InputError
 
 TAR_MTIME = 0.0  # fixed tar member times: rebuilds are byte-identical
+COMPLETE = "complete.json"  # written last by a finished build
 
 
 @dataclass
@@ -66,6 +72,78 @@ def config_fingerprint(cfg: CorpusConfig, specs: list[str]) -> str:
     content = cfg.model_dump(mode="json", exclude={"build": {"workers", "cpus_per_task", "task_retries"}})
     blob = json.dumps({"config": content, "sources": specs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def source_fingerprint(specs: list[str], cfg: CorpusConfig, out: Path | None = None) -> str | None:
+    """What a build reads, cheaply: path, size and mtime of every file under the source roots (`out` left out
+    when it lies inside one) and of the files the config names, and the pseudonym secret in use (hashed: it
+    decides every key). Only directory listings and stats, no file is opened. None when a root or the key
+    file is missing (the build then says what is wrong)."""
+    digest = hashlib.sha256()
+    skip = Path(out).resolve() if out is not None else None
+    for spec in specs:
+        root = sources.parse_source(spec)[1]
+        if not root.is_dir():
+            return None
+        digest.update(f"root\0{spec}\n".encode())
+        _hash_tree(digest, root, skip)
+    atlas, captions = cfg.source.atlas, cfg.captions
+    named = [*atlas.images, *atlas.labels, atlas.cifti_labels, atlas.lookup, cfg.source.ukb.phenotypes,
+             Path(captions.polish_model) if captions.polish and captions.polish_model else None]
+    for path in (Path(p) for p in named if p is not None):
+        digest.update(f"named\0{path}\n".encode())
+        if path.is_dir():
+            _hash_tree(digest, path, skip)
+        elif path.exists():
+            stat = path.stat()
+            digest.update(f"{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    if os.environ.get(KEY_ENV):
+        digest.update(b"key\0" + hashlib.sha256(os.environ[KEY_ENV].encode()).digest())
+    elif os.environ.get(KEY_FILE_ENV):
+        key_file = Path(os.environ[KEY_FILE_ENV])
+        if not key_file.is_file():
+            return None
+        digest.update(b"key\0" + hashlib.sha256(key_file.read_bytes().strip()).digest())
+    return digest.hexdigest()[:16]
+
+
+def _hash_tree(digest, root: Path, skip: Path | None) -> None:
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        if skip is not None and Path(folder).resolve() == skip:
+            dirs[:] = []
+            continue
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            try:
+                stat = os.stat(path)
+            except OSError:  # a dangling link: its name still counts
+                digest.update(f"{os.path.relpath(path, root)}\0?\n".encode())
+                continue
+            digest.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+
+
+def finished_build(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0) -> dict | None:
+    """The summary of `out` when it is a finished corpus of these sources, config and seed, else None.
+
+    Cheap checks first (the completion record, the config fingerprint, the outputs it names); the source
+    listing only when they pass."""
+    out = Path(out)
+    try:
+        record = json.loads((out / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != config_fingerprint(cfg, specs) or record.get("seed") != seed:
+        return None
+    outputs = ["build.json", "manifest.parquet", "norms.json", "rois.tsv", "reference.npz", "summary.json",
+               "timeseries.zarr/zarr.json"]
+    outputs += [f"shards/{name}{suffix}" for name in record.get("shards", [])
+                for suffix in (".tar", "_stats.json", "_manifest.parquet")]
+    if not all((out / name).exists() for name in outputs):
+        return None
+    if record.get("source_files") != source_fingerprint(specs, cfg, out):
+        return None
+    return record["summary"]
 
 
 def plan_shards(records: list[ScanRecord], splits: dict[str, str], shard_size: int) -> list[Shard]:
@@ -208,14 +286,23 @@ def _plain(x):
 
 # ---- the driver ---------------------------------------------------------------------------------------
 
-def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> None:
+def _prepare_out(out: Path, inputs: dict, overwrite: bool) -> None:
+    """Keep `out` to resume it when it was started from the same inputs (config, seed, source files: a key
+    recorded by an older build is not compared), else refuse it unless `overwrite`."""
     build_file = out / "build.json"
     if build_file.exists():
-        previous = json.loads(build_file.read_text()).get("fingerprint")
-        if previous != fingerprint:
+        previous = json.loads(build_file.read_text())
+        if previous.get("fingerprint") != inputs["fingerprint"]:
+            problem = "another config or sources"
+        elif previous.get("seed", inputs["seed"]) != inputs["seed"]:
+            problem = f"another seed ({previous['seed']})"
+        elif previous.get("source_files", inputs["source_files"]) not in (inputs["source_files"], None):
+            problem = "source files that have changed since"
+        else:
+            problem = None
+        if problem:
             if not overwrite:
-                raise InputError(f"{out}: holds a corpus built with another config or sources "
-                                 "(use --overwrite to replace it)")
+                raise InputError(f"{out}: holds a corpus built with {problem} (use --overwrite to replace it)")
             shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -226,10 +313,16 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> None:
 
 def _create_arrays(out: Path, n_rows: int, shard_size: int, cfg: CorpusConfig, keys: list[str]) -> None:
     path = out / "timeseries.zarr"
-    if (path / "zarr.json").exists():
-        return  # resuming: arrays exist and hold finished shards
+    # the last shard of each split is filled up with rows that hold no scan (empty key, zeros, NaN
+    # descriptors); readers skip the rows listed here
+    padding = [row for row, key in enumerate(keys) if not key]
+    if (path / "zarr.json").exists():  # resuming: arrays exist and hold finished shards
+        group = zarr.open_group(path, mode="r+")
+        if group.attrs.get("padding_rows") != padding:  # a corpus started before the attribute existed
+            group.attrs["padding_rows"] = padding
+        return
     t, n = cfg.source.cleaning.length, cfg.source.atlas.n_rois
-    group = zarr.open_group(path, mode="w")
+    group = zarr.open_group(path, mode="w", attributes={"padding_rows": padding})
     group.create_array("ts", shape=(n_rows, t, n), chunks=(1, t, n), shards=(shard_size, t, n), dtype="float32",
                        fill_value=0.0)
     group.create_array("descriptors", shape=(n_rows, len(DESCRIPTOR_NAMES)), chunks=(shard_size, len(DESCRIPTOR_NAMES)),
@@ -247,10 +340,15 @@ def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, 
     """
     start = time.perf_counter()
     out = Path(out)
+    finished = finished_build(specs, cfg, out, seed)
+    if finished is not None:  # nothing to do: no discovery, no Ray
+        return finished
     records = records if records is not None else discover_all(specs, cfg.source)  # callers may have discovered
-    fingerprint = config_fingerprint(cfg, specs)
-    _prepare_out(out, fingerprint, overwrite)
-    (out / "build.json").write_text(json.dumps({"fingerprint": fingerprint, "sources": specs}, indent=1))
+    inputs = {"fingerprint": config_fingerprint(cfg, specs), "seed": seed,
+              "source_files": source_fingerprint(specs, cfg, out)}
+    _prepare_out(out, inputs, overwrite)
+    (out / COMPLETE).unlink(missing_ok=True)  # a resumed build is not complete until it ends
+    (out / "build.json").write_text(json.dumps(inputs | {"sources": specs}, indent=1))
 
     table = pd.DataFrame({"key": [r.key for r in records], "subject": [r.subject for r in records],
                           "dataset": [r.dataset for r in records],
@@ -324,6 +422,8 @@ def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, 
                "shards": len(shards), "splits": manifest["split"].value_counts().to_dict(),
                "seconds": round(seconds, 2), "scans_per_s": round(len(records) / max(seconds, 1e-9), 2)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    record = inputs | {"shards": [s.name for s in shards], "summary": summary}
+    _write_atomic(out / COMPLETE, json.dumps(record, indent=1))  # last: the corpus is finished
     return summary
 
 

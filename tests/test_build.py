@@ -28,7 +28,7 @@ import webdataset as wds
 import zarr
 
 from cluster.config import load_config
-from corpus_builder.build import build_corpus
+from corpus_builder.build import build_corpus, finished_build
 from corpus_builder.config import SynthConfig
 from corpus_builder.extraction import discover_all
 from corpus_builder.synth import synthesize
@@ -267,10 +267,11 @@ def test_killed_build_resumes_to_the_uninterrupted_corpus(cohort, corpus, tmp_pa
         _kill_build(proc)
     finished = len(list((out / "shards").glob(marker)))
     assert 0 < len(done) <= finished < n_shards, "the kill did not land mid-pass"
+    assert not (out / "complete.json").exists()
 
     summary = build_corpus([str(cohort)], corpus_config(), out)
 
-    assert summary["scans"] == 16
+    assert summary["scans"] == 16 and (out / "complete.json").exists()
     assert_complete(out, set(manifest_of(reference)["key"]))
     assert_same_corpus(reference, out)
 
@@ -293,6 +294,83 @@ def test_no_subject_straddles_splits(corpus):
         for sample in samples:
             split = json.loads(sample["meta.json"])["split"]
             assert split == split_of[sample["__key__"]] and tar.startswith(f"{split}-")
+
+
+# ---- a finished corpus --------------------------------------------------------------------------------
+
+def _no_discovery(*args, **kwargs):
+    raise AssertionError("a finished corpus was rediscovered")
+
+
+def test_finished_corpus_is_returned_without_discovery_or_ray(cohort, corpus, tmp_path, monkeypatch):
+    import corpus_builder.build as build
+    from cluster.pipeline import run_corpus_build, tracker_for
+
+    summary = corpus[1]
+    out = tmp_path / "corpus"  # a copy: the run below writes its resolved config into the corpus folder
+    shutil.copytree(corpus[0], out)
+    record = json.loads((out / "complete.json").read_text())
+    assert record["summary"] == summary and record["seed"] == 0 and len(record["shards"]) == summary["shards"]
+    ray.shutdown()  # the module's Ray: a second build must not start one
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(build, "discover_all", _no_discovery)
+            assert build_corpus([str(cohort)], corpus_config(), out) == summary
+        assert ray.is_initialized() is False
+
+        # the pipeline's stage over it: the same summary, a run recorded, still no Ray
+        cfg = load_config(None, OVERRIDES + [f"workdir={tmp_path / 'work'}"])
+        result = run_corpus_build(cfg, [str(cohort)], out, tracker_for(cfg, cfg.workdir))
+        assert result.summary == summary and result.run_id and ray.is_initialized() is False
+    finally:
+        _start_local_ray()
+
+
+def test_changed_source_files_invalidate_the_finished_corpus(cohort, corpus, tmp_path):
+    out, summary = corpus
+    specs, cfg = [str(cohort)], corpus_config()
+    assert finished_build(specs, cfg, out) == summary
+    assert finished_build(specs, cfg, out, seed=1) is None  # another seed is another corpus
+
+    series = sorted(cohort.glob("sub-*/*/func/*_timeseries.npy"))[3]
+    stat = series.stat()
+    try:
+        os.utime(series, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched: same bytes
+        assert finished_build(specs, cfg, out) is None
+        with pytest.raises(InputError, match="source files that have changed since") as err:
+            build_corpus(specs, cfg, out)  # not resumed: its markers describe the old files
+        assert "\n" not in str(err.value) and (out / "complete.json").exists()
+    finally:
+        os.utime(series, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert finished_build(specs, cfg, out) == summary
+
+    extra = cohort / "sub-extra-notes.txt"  # a new file under the root counts too
+    extra.write_text("x")
+    try:
+        assert finished_build(specs, cfg, out) is None
+    finally:
+        extra.unlink()
+    assert finished_build(specs, cfg, out) == summary
+
+    copy = tmp_path / "corpus"  # an output that lost a shard is not finished either
+    shutil.copytree(out, copy)
+    assert finished_build(specs, cfg, copy) == summary
+    next((copy / "shards").glob("*.tar")).unlink()
+    assert finished_build(specs, cfg, copy) is None
+
+
+def test_zarr_attributes_name_the_padding_rows(corpus, bad_corpus):
+    for out in (corpus[0], bad_corpus[1]):
+        group = zarr.open_group(out / "timeseries.zarr", mode="r")
+        keys = group["keys"][:]
+        padding = group.attrs["padding_rows"]
+        assert padding == [row for row, key in enumerate(keys) if key == ""]
+        used = manifest_of(out)["index"]
+        assert not set(padding) & set(used[used >= 0])
+        if padding:
+            assert not group["ts"][padding].any() and np.isnan(group["descriptors"][padding]).all()
+    # 17 scans in one 64-row shard per split: every split's shard is padded
+    assert len(zarr.open_group(bad_corpus[1] / "timeseries.zarr", mode="r").attrs["padding_rows"]) == 3 * 64 - 17
 
 
 # ---- refusals -----------------------------------------------------------------------------------------
