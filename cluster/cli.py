@@ -16,7 +16,7 @@ import typer
 
 from cluster.config import PipelineConfig, load_config, to_yaml
 from cluster.progress import progress_bar
-from corpus_builder.errors import InputError
+from fmrilm_core.errors import InputError
 
 app = typer.Typer(
     help="fMRI-LM: language-aligned fMRI foundation models, from raw scans to an instruction-tuned LLM.",
@@ -24,6 +24,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _start_up() -> None:
+    # before any command imports torch / transformers / ray: third-party warnings, progress bars and INFO
+    # logs turned down to what a user needs (FMRILM_VERBOSE=1 keeps everything)
+    from cluster.logs import quiet_third_party
+
+    quiet_third_party()
+
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override a config key: a.b=value (repeatable)")]
@@ -164,6 +174,77 @@ def tokenizer_train(
     typer.echo(f"tokenizer -> {out / 'tokenizer'}  {shown}  (MLflow run {result.run_id})")
 
 
+llm_app = typer.Typer(help="Stages 2 and 3: the LLM that reads brain tokens.", no_args_is_help=True)
+app.add_typer(llm_app, name="llm")
+
+
+@llm_app.command("align")
+def llm_align(
+    corpus: Annotated[Path, typer.Option(help="a corpus built by `fmrilm corpus build`")],
+    tokenizer: Annotated[Path, typer.Option(help="the stage-1 export (TOK/tokenizer of `fmrilm tokenizer train`)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the model folder (stock-loadable), checkpoints/")],
+    base: Annotated[str | None, typer.Option(
+        help="base causal LM: a Hugging Face folder or a .gguf file [config align.base: SmolLM2-135M GGUF]")] = None,
+    lora: Annotated[bool | None, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning "
+                                                                    "[config align.lora.enabled]")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers; 0 = in-process (also under torchrun)")] = None,
+    deepspeed: Annotated[Path | None, typer.Option(help="DeepSpeed JSON, e.g. configs/deepspeed/zero3.json")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Stage 2: teach a pretrained LLM to read, predict and describe brain tokens (F2F, F2T, T2T). Writes a model
+    folder that AutoModelForCausalLM (or AutoPeftModelForCausalLM with --lora) loads. Re-running resumes."""
+    from cluster.pipeline import run_llm_align, tracker_for
+
+    extra = [f"workers={workers}"] if workers is not None else []
+    extra += [f"align.deepspeed={deepspeed}"] if deepspeed is not None else []
+    extra += [f"align.base={base}"] if base is not None else []
+    extra += [f"align.lora.enabled={str(lora).lower()}"] if lora is not None else []
+    cfg = _load(config, set_, extra)
+    result = _guard(run_llm_align, cfg, corpus, tokenizer, out, tracker_for(cfg, cfg.workdir))
+    for key, value in result.summary.items():
+        if isinstance(value, float):
+            typer.echo(f"  {key:<32} {value:.4f}")
+    typer.echo(f"model -> {out}  (MLflow run {result.run_id})")
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="e.g. \"Describe this scan.\"")],
+    model: Annotated[Path, typer.Option(help="a model folder of `fmrilm llm align` (or `llm instruct`)")],
+    scan: Annotated[str, typer.Option(help="a scan key of --corpus, or a ROI-series file of the tables layout")],
+    corpus: Annotated[Path | None, typer.Option(help="the corpus that holds the scan key")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 160,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Answer a question about one scan. A file is cleaned exactly as the corpus builder cleans it (confounds,
+    resampling to TR 2 s, the model's length T, per-ROI z-scoring)."""
+    cfg = _load(config, set_)
+    typer.echo(_guard(_ask, cfg, model, scan, corpus, question, max_new_tokens))
+
+
+def _ask(cfg: PipelineConfig, model: Path, scan: str, corpus: Path | None, question: str, max_new_tokens: int) -> str:
+    from corpus_builder.readers import open_zarr, read_rois
+    from corpus_builder.sources.tables import clean_file
+    from fmrilm_core.errors import InputError
+    from llm_train.ask import BrainReader
+
+    reader = BrainReader(model)
+    if corpus is not None and not Path(scan).is_file():
+        scans = open_zarr(corpus)
+        if scan not in scans:
+            raise InputError(f"{corpus}: no scan with key {scan!r}")
+        x, labels = scans[scan], [str(x) for x in read_rois(corpus)["label"]]
+    elif Path(scan).is_file():
+        source = cfg.corpus.source.model_copy(deep=True)
+        source.cleaning.length = reader.meta["length"]
+        x, labels = clean_file(Path(scan), source, reader.meta["n_rois"])
+    else:
+        raise InputError(f"{scan}: no such file (a scan key needs --corpus)")
+    return reader.ask(x, question, max_new_tokens, labels) or "(the model generated no text)"
+
+
 @app.command()
 def pipeline(
     config: ConfigOpt = None,
@@ -181,6 +262,107 @@ def pipeline(
     typer.echo(f"MLflow store: {result.tracking_uri}  (parent run {result.run_id})")
     if result.tracking_uri.startswith("sqlite:"):
         typer.echo(f"  view it: mlflow ui --backend-store-uri {result.tracking_uri}")
+
+
+AddressOpt = Annotated[str | None, typer.Option(
+    help="Ray dashboard of the cluster, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, "
+         "else http://127.0.0.1:8265)")]
+
+
+def _follow_job(client, job_id: str) -> None:
+    """Stream a job's log, then exit with its status: 0 succeeded, 1 failed or stopped."""
+    from cluster import jobs
+
+    try:
+        details = _guard(jobs.follow, client, job_id)
+    except KeyboardInterrupt:
+        typer.echo(f"\nstopped following; the job keeps running (fmrilm jobs stop {job_id} ends it)", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(jobs.status_line(details), err=True)
+    raise typer.Exit(jobs.exit_code(details))
+
+
+@app.command(context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
+def submit(
+    command: Annotated[list[str], typer.Argument(help="the fmrilm command to run, after --")],
+    address: AddressOpt = None,
+    follow: Annotated[bool, typer.Option(help="stream the job's log and exit with its status")] = False,
+    env: Annotated[list[str] | None, typer.Option(help="extra environment variable for the job: KEY=VALUE "
+                                                        "(repeatable)")] = None,
+) -> None:
+    """Run an fmrilm command on a Ray cluster as a Ray job (the project folder travels with it); prints the job
+    id. Paths in the command are paths on the cluster. Example: fmrilm submit --address http://HEAD:8265 --follow
+    -- pipeline --config configs/ukb_abcd.yaml --workdir /shared/runs/ukb"""
+    from cluster import jobs
+
+    pairs = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--env {item!r}: expected KEY=VALUE")
+        pairs[key] = value
+    _guard(jobs.job_env, pairs)  # refuse a secret passed by value before touching the network
+    for path in jobs.relative_outputs(command):
+        typer.echo(f"warning: {path} is relative: on the cluster it lands in the job's temporary copy of the "
+                   "project; give a path on shared storage", err=True)
+    client = _guard(jobs.connect, address)
+    job_id = _guard(jobs.submit, client, command, pairs)
+    typer.echo(job_id)
+    if follow:
+        _follow_job(client, job_id)
+
+
+jobs_app = typer.Typer(help="Follow, inspect or stop jobs started by `fmrilm submit`.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+JobIdArg = Annotated[str, typer.Argument(help="the job id `fmrilm submit` printed")]
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: JobIdArg, address: AddressOpt = None) -> None:
+    """Print a job's status (and why it failed, when it did)."""
+    from cluster import jobs
+
+    client = _guard(jobs.connect, address)
+    details = _guard(jobs.info, client, job_id)
+    typer.echo(jobs.status_line(details))
+    typer.echo(f"  entrypoint: {details.entrypoint}")
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: JobIdArg,
+    address: AddressOpt = None,
+    follow: Annotated[bool, typer.Option(help="keep streaming until the job ends; exit with its status")] = False,
+) -> None:
+    """Print a job's log so far, or stream it with --follow."""
+    from cluster import jobs
+
+    client = _guard(jobs.connect, address)
+    if follow:
+        _follow_job(client, job_id)
+    typer.echo(_guard(jobs.logs, client, job_id), nl=False)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: JobIdArg, address: AddressOpt = None) -> None:
+    """Ask a running job to stop."""
+    from cluster import jobs
+
+    client = _guard(jobs.connect, address)
+    if _guard(jobs.stop, client, job_id):
+        typer.echo(f"{job_id}: stop requested")
+    else:
+        typer.echo(jobs.status_line(_guard(jobs.info, client, job_id)) + "  (already finished)")
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOpt = None) -> None:
+    """List the cluster's jobs, oldest first."""
+    from cluster import jobs
+
+    client = _guard(jobs.connect, address)
+    for details in _guard(jobs.list_jobs, client):
+        typer.echo(f"{jobs.status_line(details)}  {details.entrypoint}")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m cluster.cli`

@@ -32,16 +32,48 @@ class Runtime(Protocol):
 
     def latest_checkpoint(self) -> Path | None: ...
 
+    def progress(self, stage: str, total: int, start: int) -> StepProgress:
+        """A reporter of the loop's progress: `with runtime.progress(...) as p: p.update(step_done, loss=...)`."""
+
+
+class StepProgress(Protocol):
+    def update(self, step: int, **metrics) -> None: ...
+
+    def __enter__(self) -> StepProgress: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+class _Silent:
+    """The progress reporter of a runtime nobody watches."""
+
+    def update(self, step: int, **metrics) -> None:
+        pass
+
+    def __enter__(self) -> _Silent:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
 
 class LocalRuntime:
-    """Checkpoints in `root/step_NNNNNN/`, kept `keep` deep; logs through `log_fn` on rank 0 only."""
+    """Checkpoints in `root/step_NNNNNN/`, kept `keep` deep; logs through `log_fn` on rank 0 only; loop progress
+    through `progress_fn(stage, total, start, rank)` (e.g. cluster's StepReporter), silent without one."""
 
-    def __init__(self, root: Path, log_fn: Callable[[dict[str, float], int], None] | None = None, keep: int = 2):
+    def __init__(self, root: Path, log_fn: Callable[[dict[str, float], int], None] | None = None, keep: int = 2,
+                 progress_fn: Callable[[str, int, int, int], StepProgress] | None = None):
         self.root = Path(root)
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.log_fn = log_fn
         self.keep = keep
+        self.progress_fn = progress_fn
+
+    def progress(self, stage: str, total: int, start: int) -> StepProgress:
+        if self.progress_fn is None:
+            return _Silent()
+        return self.progress_fn(stage, total, start, self.rank)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.rank == 0 and self.log_fn is not None:

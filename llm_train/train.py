@@ -97,7 +97,7 @@ def build_model(cfg: LLMAlignConfig, brain_tokenizer: BrainTokenizer, ds_config:
     if cfg.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
-        backbone = _with_lora(cfg, backbone, vocab, n_text, len(tokenizer))
+        backbone = _with_lora(cfg, backbone, vocab, n_text, len(tokenizer), live)
     adapter = BrainFeatureAdapter(tc.llm_dim, width, tc.n_rois, tc.codebook_size).to(dtype) if features else None
     model = AlignModel(backbone, vocab, n_steps=n_steps, n_rois=tc.n_rois, codebook_size=tc.codebook_size,
                        input_mode=cfg.input_mode, position_mode=cfg.position_ids, adapter=adapter,
@@ -114,7 +114,7 @@ def _modify(params: list[torch.nn.Parameter]):
     return contextlib.nullcontext()
 
 
-def _with_lora(cfg: LLMAlignConfig, backbone, vocab: BrainVocab, n_text: int, n_total: int):
+def _with_lora(cfg: LLMAlignConfig, backbone, vocab: BrainVocab, n_text: int, n_total: int, live=None):
     """LoRA adapters on the backbone, plus the new vocabulary rows trainable (peft's trainable tokens: only those
     rows, in the input embedding and, when it is not tied to it, the LM head)."""
     from peft import LoraConfig, get_peft_model
@@ -126,7 +126,32 @@ def _with_lora(cfg: LLMAlignConfig, backbone, vocab: BrainVocab, n_text: int, n_
     indices = {names[0]: new_ids} if tied else {names[0]: new_ids, names[1]: new_ids}
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, trainable_token_indices=indices, task_type="CAUSAL_LM")
-    return get_peft_model(backbone, lora)
+    # adapters in the base's dtype (peft would make them fp32): DeepSpeed's bf16 optimizer and ZeRO-3's flat
+    # partitions expect one dtype across the module
+    if live is None:
+        return get_peft_model(backbone, lora, autocast_adapter_dtype=False)
+    import deepspeed
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    # ZeRO-3. peft (0.21) gathers the trainable-token rows of partitioned weights on CUDA only: gather the embedding
+    # (and head) here and let peft read them as plain tensors (DeepSpeed partitions what peft adds when the engine
+    # is built).
+    embeddings = [backbone.get_input_embeddings().weight] + ([] if tied else [backbone.get_output_embeddings().weight])
+    with deepspeed.zero.GatheredParameters([p for p in embeddings if hasattr(p, "ds_id")], modifier_rank=None):
+        unset_hf_deepspeed_config()
+        try:
+            model = get_peft_model(backbone, lora, autocast_adapter_dtype=False)
+        finally:
+            set_hf_deepspeed_config(live)
+    # A trainable-tokens layer reads its rows (held in a ParameterDict, a module whose forward never runs) and its
+    # base weight inside its own forward; ZeRO-3 gathers only a module's own parameters around its forward, so
+    # those are registered with it, or they would be seen partitioned (empty).
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer):
+            for param in [*module.trainable_tokens_delta.parameters(), module.get_base_layer().weight]:
+                deepspeed.zero.register_external_parameter(module, param)
+    return model
 
 
 def _embedding_names(backbone) -> tuple[str, str]:
@@ -178,18 +203,21 @@ def train(cfg: LLMAlignConfig, inputs: AlignInputs, runtime: Runtime) -> dict:
 
     metrics: dict[str, float] = {}
     losses: dict[str, torch.Tensor] = {}
-    for step in range(start, cfg.steps):
-        losses = train_step(engine, train_data, step, cfg.seed, runtime.rank)
-        if step % 10 == 0 or step + 1 == cfg.steps:
-            runtime.log({f"train/{k}": float(v) for k, v in losses.items()} | {"train/lr": engine.get_lr()[0]}, step)
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            metrics = reference.validate(engine.module, engine.device) | {"val/t2t_perplexity_base": base_ppl}
-            runtime.log(metrics, step)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(engine, runtime, done, fingerprint,
-                            {f"train/{k}": float(v) for k, v in losses.items()} | metrics,
-                            extra={"base_perplexity": base_ppl})
+    with runtime.progress("align: steps", cfg.steps, start) as progress:
+        for step in range(start, cfg.steps):
+            losses = train_step(engine, train_data, step, cfg.seed, runtime.rank)
+            if step % 10 == 0 or step + 1 == cfg.steps:
+                runtime.log({f"train/{k}": float(v) for k, v in losses.items()} | {"train/lr": engine.get_lr()[0]},
+                            step)
+            done = step + 1
+            progress.update(done, loss=losses["loss"])
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                metrics = reference.validate(engine.module, engine.device) | {"val/t2t_perplexity_base": base_ppl}
+                runtime.log(metrics, step)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                save_checkpoint(engine, runtime, done, fingerprint,
+                                {f"train/{k}": float(v) for k, v in losses.items()} | metrics,
+                                extra={"base_perplexity": base_ppl})
     if not metrics:  # resumed at the end: nothing trained, measure what was saved
         metrics = reference.validate(engine.module, engine.device) | {"val/t2t_perplexity_base": base_ppl}
     save_aligned(engine.module, tokenizer, cfg, brain_tokenizer, Path(inputs.tokenizer), corpus, out, runtime.rank)

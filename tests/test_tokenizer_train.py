@@ -176,13 +176,13 @@ def test_bf16_training_validates_checkpoints_and_exports(corpus, tiny_llm_dir, t
 def test_bad_input_fails_before_any_step(corpus, tiny_llm_dir, tmp_path):
     with pytest.raises(InputError, match=r"T=32 x N=450.*T=40"):
         train(tiny_cfg(tiny_llm_dir, model={**tiny_cfg(tiny_llm_dir).model.model_dump(), "length": 40}),
-              corpus, tmp_path / "o", LocalRuntime(tmp_path / "c"))
+              TokenizerInputs(corpus, tmp_path / "o"), LocalRuntime(tmp_path / "c"))
     with pytest.raises(InputError, match="test split has no usable scan"):
         from tokenizer_train.data import ScanBatches
         ScanBatches(corpus, "test", 4, length=T, n_rois=450)
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         train(tiny_cfg(tiny_llm_dir, text={"llm": str(tiny_llm_dir), "text_corpus": str(tmp_path / "nope.txt")}),
-              corpus, tmp_path / "o", LocalRuntime(tmp_path / "c"))
+              TokenizerInputs(corpus, tmp_path / "o"), LocalRuntime(tmp_path / "c"))
     # one scan per batch has nothing to contrast with: refused when the config is read, fine without SigLIP
     with pytest.raises(ValueError, match="SigLIP loss needs batch_size >= 2"):
         tiny_cfg(tiny_llm_dir, batch_size=1)
@@ -197,7 +197,8 @@ def test_bad_input_fails_before_any_step(corpus, tiny_llm_dir, tmp_path):
 
 def test_export_loads_in_a_fresh_process_and_encodes_a_scan(corpus, tiny_llm_dir, tmp_path):
     model = {**tiny_cfg(tiny_llm_dir).model.model_dump(), "roi_embedding": "gradients"}  # fixed from the corpus
-    train(tiny_cfg(tiny_llm_dir, steps=2, model=model), corpus, tmp_path / "out", LocalRuntime(tmp_path / "ckpt"))
+    train(tiny_cfg(tiny_llm_dir, steps=2, model=model), TokenizerInputs(corpus, tmp_path / "out"),
+          LocalRuntime(tmp_path / "ckpt"))
     code = (
         "import sys, numpy as np\n"
         "from tokenizer_train import BrainTokenizer\n"

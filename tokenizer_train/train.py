@@ -93,17 +93,20 @@ def train(cfg: TokenizerTrainConfig, inputs: TokenizerInputs, runtime: Runtime) 
         start = load_checkpoint(engine, latest)["step"]
 
     metrics: dict[str, float] = {}
-    for step in range(start, cfg.steps):
-        losses = train_step(engine, cfg, text, train_data, step)
-        if runtime.rank == 0 and (step % 10 == 0 or step + 1 == cfg.steps):
-            runtime.log({f"train/{k}": float(v) for k, v in losses.items()} | {"train/lr": engine.get_lr()[0]}, step)
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            metrics = validate(engine.module, cfg, text, val_data, step)
-            runtime.log(metrics, step)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(engine, runtime, done, fingerprint,
-                            {f"train/{k}": float(v) for k, v in losses.items()} | metrics)
+    with runtime.progress("tokenizer: steps", cfg.steps, start) as progress:
+        for step in range(start, cfg.steps):
+            losses = train_step(engine, cfg, text, train_data, step)
+            if runtime.rank == 0 and (step % 10 == 0 or step + 1 == cfg.steps):
+                runtime.log({f"train/{k}": float(v) for k, v in losses.items()} | {"train/lr": engine.get_lr()[0]},
+                            step)
+            done = step + 1
+            progress.update(done, loss=losses["loss"])
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                metrics = validate(engine.module, cfg, text, val_data, step)
+                runtime.log(metrics, step)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                save_checkpoint(engine, runtime, done, fingerprint,
+                                {f"train/{k}": float(v) for k, v in losses.items()} | metrics)
 
     with gathered(engine.module):
         if runtime.rank == 0:
