@@ -250,15 +250,20 @@ def pipeline(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     workdir: Annotated[Path | None, typer.Option(help="output root [config workdir]")] = None,
+    from_stage: Annotated[str | None, typer.Option(
+        "--from", help="rerun this stage and every later one from scratch (synth, corpus, tokenizer, align); "
+                       "earlier stages are read from the workdir")] = None,
+    only: Annotated[str | None, typer.Option(
+        help="rerun only this stage from scratch; earlier stages are read from the workdir")] = None,
 ) -> None:
-    """Run every stage in order under one MLflow parent run (one child run per stage)."""
-    from cluster.pipeline import run_pipeline
+    """Run every stage in order under one MLflow parent run (one child run per stage). A stage already done for
+    the same config and inputs is skipped; an interrupted one continues from its checkpoint."""
+    from cluster.pipeline import run_pipeline, summary_table
 
     cfg = _load(config, set_)
-    result = _guard(run_pipeline, cfg, workdir, progress=progress_bar)
+    result = _guard(run_pipeline, cfg, workdir, progress=progress_bar, from_stage=from_stage, only=only)
     typer.echo(f"workdir: {result.workdir.resolve()}")
-    for stage in result.stages:
-        typer.echo(f"  {stage.name:<10} {stage.out}  (run {stage.run_id})")
+    typer.echo(summary_table(result))
     typer.echo(f"MLflow store: {result.tracking_uri}  (parent run {result.run_id})")
     if result.tracking_uri.startswith("sqlite:"):
         typer.echo(f"  view it: mlflow ui --backend-store-uri {result.tracking_uri}")

@@ -3,12 +3,29 @@
 Stages are plain library calls (`corpus_builder.synth.synthesize`, ...); this module only wires their
 inputs and outputs together, writes the resolved config next to every output and records lineage: each
 stage's run carries `fmrilm.input_run_id` = the run that produced its input.
+
+Skip what is done. A stage that completes writes `stage.json` into its output folder: its *key* (a hash of the
+config sections the stage depends on and of its inputs' identities: the key and the MLflow run id of the stage
+run that produced each input), the run id that produced the output, its summary and timing. A later pipeline
+over the same workdir skips a stage whose record is complete, has the same key and whose outputs are there
+(the corpus also checks its source files: `finished_build`); the skipped stage still gets a child run under the
+new parent, tagged `fmrilm.status=skipped` and `fmrilm.output_run_id` = the run that produced the output, and
+the next stage's lineage names that producing run. A stage whose key changed starts fresh (its output folder
+is cleared); one with the same key but no complete record was interrupted and continues: the corpus build
+resumes its shards, a training stage its last checkpoint (which refuses a checkpoint of another config).
+`--from STAGE` reruns that stage and every later one from scratch, `--only STAGE` just that one; the stages
+before it are read from the workdir as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from cluster.config import PipelineConfig, flatten, save_resolved
@@ -16,17 +33,26 @@ from cluster.launch import mlflow_logger, run_training
 from cluster.progress import no_progress
 from cluster.tracking import StageRun, Tracker
 from corpus_builder.build import build_corpus, finished_build
+from corpus_builder.build import config_fingerprint as corpus_fingerprint
 from corpus_builder.extraction import discover_all, extract_all
 from corpus_builder.synth import synthesize
 from corpus_builder.synth_nifti import atlas_config, write_nifti_cohort
+from fmrilm_core.checkpoint import CLIENT_STATE
+from fmrilm_core.errors import InputError
+from fmrilm_core.runtime import COMPLETE
 
 
 @dataclass
 class StageResult:
     name: str
     out: Path
-    run_id: str | None
+    run_id: str | None  # the run of this pipeline's stage (for a skipped stage: its "skipped" record)
     summary: dict = field(default_factory=dict)
+    status: str = "ran"  # ran | resumed | skipped | reused (read from the workdir under --from / --only)
+    seconds: float = 0.0
+    output_run_id: str | None = None  # the run that produced the output (a skipped stage's earlier run)
+    resumed_from: int | None = None  # the checkpoint step an interrupted training stage continued from
+    stale: bool = False  # reused, but recorded for another config than the current one
 
 
 @dataclass
@@ -57,7 +83,8 @@ def run_synth(cfg: PipelineConfig, out: Path, tracker: Tracker, parent: StageRun
         # synth.json documents the planted effects; participants.tsv stays out of MLflow (it holds ids)
         run.log_artifact(out / "synth.json")
         run.log_artifact(resolved)
-        return StageResult("synth", out, run.run_id)
+        return StageResult("synth", out, run.run_id,
+                           {"subjects": len(participants), "scans": len(participants) * cfg.synth.sessions})
 
 
 def run_timeseries(cfg: PipelineConfig, specs: list[str], out: Path, tracker: Tracker,
@@ -152,33 +179,251 @@ def run_llm_align(cfg: PipelineConfig, corpus: Path, tokenizer: Path, out: Path,
         return StageResult("align", out, run.run_id, summary)
 
 
-def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_progress) -> PipelineResult:
-    """Run every stage that the config enables, in order, under one parent MLflow run."""
+# ---- the pipeline: skip what is done, resume what was interrupted --------------------------------------
+
+STAGES = ("synth", "corpus", "tokenizer", "align")
+RECORD = "stage.json"  # in a stage's output folder: written "running" when it starts, "complete" when it ends
+STATUS_TAG = "fmrilm.status"  # ran | resumed | skipped
+OUTPUT_RUN_TAG = "fmrilm.output_run_id"  # the run that produced the stage's output
+KEY_TAG = "fmrilm.stage_key"
+
+
+def stage_names(cfg: PipelineConfig) -> list[str]:
+    """The stages a config runs, in order: synth only when the corpus has no sources of its own."""
+    return [name for name in STAGES if name != "synth" or not cfg.corpus.sources]
+
+
+def stage_modes(names: list[str], from_stage: str | None = None, only: str | None = None) -> dict[str, str]:
+    """What each stage does: "auto" (skip when done), "force" (rerun from scratch), "reuse" (read its output from
+    the workdir as it is) or "omit"."""
+    if from_stage and only:
+        raise InputError("--from and --only exclude each other")
+    chosen = from_stage or only
+    if chosen is None:
+        return dict.fromkeys(names, "auto")
+    if chosen not in names:
+        flag = "--from" if from_stage else "--only"
+        raise InputError(f"{flag} {chosen}: not a stage of this config (stages: {', '.join(names)})")
+    at = names.index(chosen)
+    after = "force" if from_stage else "omit"
+    return {name: "reuse" if i < at else "force" if i == at else after for i, name in enumerate(names)}
+
+
+def stage_key(name: str, config: dict, inputs: dict[str, dict]) -> str:
+    """16 hex characters naming what a stage's output depends on: its config sections and, for every input, the
+    key and the MLflow run id of the stage run that produced it (a rerun input means new downstream work)."""
+    content = {"stage": name, "config": config,
+               "inputs": {k: {"key": r["key"], "run_id": r["run_id"]} for k, r in sorted(inputs.items())}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_record(out: Path) -> dict | None:
+    """The `stage.json` of a stage's output folder, or None."""
+    try:
+        record = json.loads((Path(out) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_record(out: Path, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(out / RECORD)  # atomic: a killed pipeline never leaves half a record
+
+
+def checkpoint_step(out: Path) -> int | None:
+    """The step of the latest complete checkpoint a training stage left in `out` (its local `checkpoints/`, or Ray
+    Train's storage `ray/`), None when there is none."""
+    out, steps = Path(out), []
+    for state in [*out.glob(f"checkpoints/step_*/{CLIENT_STATE}"), *out.glob(f"ray/*/checkpoint_*/{CLIENT_STATE}")]:
+        if (state.parent / COMPLETE).exists():
+            try:
+                steps.append(int(json.loads(state.read_text())["step"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return max(steps, default=None)
+
+
+def _numbers(summary: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+class _Stages:
+    """Runs, skips or reuses the stages of one pipeline run and collects their results."""
+
+    def __init__(self, tracker: Tracker, parent: StageRun, result: PipelineResult, modes: dict[str, str]):
+        self.tracker, self.parent, self.result, self.modes = tracker, parent, result, modes
+
+    def __call__(self, name: str, out: Path, config: dict, inputs: dict[str, dict], primary: str | None,
+                 done: Callable[[], bool], run: Callable[[str | None], StageResult],
+                 resume_point: Callable[[], int | bool | None] = lambda: None) -> dict:
+        """One stage: `config` and `inputs` (the records of the stages it reads; `primary` names the one its
+        lineage tag points at) make its key; `done()` says whether its outputs are there; `run(input_run_id)` runs
+        it; `resume_point()` says whether (from which step) an interrupted run would continue. Returns the
+        stage's record."""
+        mode = self.modes[name]
+        key = stage_key(name, config, inputs)
+        record = read_record(out)
+        input_run_id = inputs[primary]["run_id"] if primary else None
+        if mode == "reuse":
+            if record is None or record.get("status") != "complete":
+                raise InputError(f"{out}: the {name} stage has not completed in this workdir (run the pipeline "
+                                 "without --from / --only first)")
+            self.result.stages.append(StageResult(name, out, None, record.get("summary", {}), "reused", 0.0,
+                                                  record["run_id"], stale=record.get("key") != key))
+            return record
+
+        started = time.monotonic()
+        if (mode == "auto" and record is not None and record.get("status") == "complete"
+                and record.get("key") == key and done()):
+            tags = {STATUS_TAG: "skipped", OUTPUT_RUN_TAG: record["run_id"], KEY_TAG: key}
+            with self.tracker.run(name, parent=self.parent, input_run_id=input_run_id, tags=tags) as skipped:
+                skipped.log_metrics(_numbers(record.get("summary", {})))
+            self.result.stages.append(StageResult(name, out, skipped.run_id, record.get("summary", {}), "skipped",
+                                                  time.monotonic() - started, record["run_id"]))
+            return record
+
+        if mode == "force" or (record is not None and record.get("key") != key):
+            shutil.rmtree(out, ignore_errors=True)  # another config (or a forced rerun): start from scratch
+        resumed = resume_point()
+        begun = _now()
+        identity = {k: {"key": r["key"], "run_id": r["run_id"], "out": r.get("out")} for k, r in inputs.items()}
+        _write_record(out, {"stage": name, "status": "running", "key": key, "started": begun, "inputs": identity,
+                            "input_run_id": input_run_id})
+        stage = run(input_run_id)
+        stage.seconds = time.monotonic() - started
+        stage.status = "resumed" if resumed not in (None, False) else "ran"
+        stage.resumed_from = resumed if isinstance(resumed, int) and not isinstance(resumed, bool) else None
+        stage.output_run_id = stage.run_id
+        done_run = StageRun(self.tracker.client, stage.run_id) if stage.run_id else StageRun(None, None)
+        done_run.set_tag(STATUS_TAG, stage.status)
+        done_run.set_tag(KEY_TAG, key)
+        record = {"stage": name, "status": "complete", "key": key, "run_id": stage.run_id,
+                  "input_run_id": input_run_id, "inputs": identity, "out": str(out), "started": begun,
+                  "finished": _now(), "seconds": round(stage.seconds, 3), "resumed_from_step": stage.resumed_from,
+                  "tracking_uri": self.tracker.uri, "config": config, "summary": stage.summary}
+        _write_record(out, record)
+        self.result.stages.append(stage)
+        return record
+
+
+def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_progress, *,
+                 from_stage: str | None = None, only: str | None = None) -> PipelineResult:
+    """Run the stages the config enables, in order, under one parent MLflow run; skip those done for the same
+    config and inputs, continue an interrupted one. `from_stage` reruns that stage and the later ones from
+    scratch, `only` just that one; earlier stages are read from the workdir."""
     workdir = Path(workdir or cfg.workdir)
+    names = stage_names(cfg)
+    modes = stage_modes(names, from_stage, only)
     tracker = tracker_for(cfg, workdir)
     resolved = save_resolved(cfg, workdir)
-    with tracker.run("pipeline", params=flatten(cfg)) as parent:
+    tags = {"fmrilm.from": from_stage} if from_stage else {"fmrilm.only": only} if only else {}
+    with tracker.run("pipeline", params=flatten(cfg), tags=tags) as parent:
         parent.log_artifact(resolved)
         result = PipelineResult(workdir, tracker.uri, parent.run_id)
-        specs, input_run = list(cfg.corpus.sources), None
-        if not specs:
-            synth = run_synth(cfg, workdir / "source", tracker, parent, progress)
-            result.stages.append(synth)
-            specs, input_run = [str(synth.out)], synth.run_id
+        stage = _Stages(tracker, parent, result, modes)
+        records: dict[str, dict] = {}
+        specs = list(cfg.corpus.sources)
+        if "synth" in names:
+            source = workdir / "source"
+            records["synth"] = stage(
+                "synth", source, {"synth": cfg.synth.model_dump(mode="json")}, {}, None,
+                done=lambda: (source / "synth.json").is_file() and (source / "participants.tsv").is_file(),
+                run=lambda _: run_synth(cfg, source, tracker, parent, progress))
+            specs = [str(source)]
             if cfg.synth.format == "nifti":  # the synthetic cohort brings its own atlas
                 cfg = cfg.model_copy(deep=True)
-                cfg.corpus.source.atlas = atlas_config(synth.out)
+                cfg.corpus.source.atlas = atlas_config(source)
             elif cfg.synth.n_rois is not None:  # a coarser synthetic atlas: the corpus expects its ROI count
                 cfg = cfg.model_copy(deep=True)
                 cfg.corpus.source.atlas.n_rois = cfg.synth.n_rois
-        corpus = run_corpus_build(cfg, specs, workdir / "corpus", tracker, parent, input_run, overwrite=True,
-                                  progress=progress)
-        result.stages.append(corpus)
-        tokenizer = run_tokenizer_train(cfg, corpus.out, workdir / "tokenizer", tracker, parent, corpus.run_id)
-        result.stages.append(tokenizer)
-        result.stages.append(run_llm_align(cfg, corpus.out, tokenizer.out / "tokenizer", workdir / "align", tracker,
-                                           parent, tokenizer.run_id))
-        summary = {s.name: {"out": str(s.out), "run_id": s.run_id} for s in result.stages}
-        (workdir / "pipeline.json").write_text(json.dumps(summary, indent=2))
+
+        corpus = workdir / "corpus"
+        if modes["corpus"] != "omit":
+            inputs = {"synth": records["synth"]} if "synth" in records else {}
+            # the corpus's own notion of "the same config" (not how many workers built it); sources by name here,
+            # their files are checked by finished_build
+            config = {"corpus": corpus_fingerprint(cfg.corpus, list(cfg.corpus.sources)), "seed": cfg.seed}
+            records["corpus"] = stage(
+                "corpus", corpus, config, inputs, "synth" if inputs else None,
+                done=lambda: finished_build(specs, cfg.corpus, corpus, cfg.seed) is not None,
+                # overwrite: the pipeline owns this folder; a build of the same inputs resumes, another is replaced
+                run=lambda input_run: run_corpus_build(cfg, specs, corpus, tracker, parent, input_run, overwrite=True,
+                                                       progress=progress),
+                resume_point=lambda: (corpus / "build.json").is_file() and not (corpus / "complete.json").is_file())
+
+        tokenizer = workdir / "tokenizer"
+        if modes["tokenizer"] != "omit":
+            sized = with_corpus_sizes(cfg, corpus)
+            records["tokenizer"] = stage(
+                "tokenizer", tokenizer,
+                {"tokenizer": sized.tokenizer.model_dump(mode="json"), "workers": cfg.workers},
+                {"corpus": records["corpus"]}, "corpus",
+                done=lambda: all((tokenizer / "tokenizer" / f).is_file() for f in ("config.json", "model.safetensors")),
+                run=lambda input_run: run_tokenizer_train(cfg, corpus, tokenizer, tracker, parent, input_run),
+                resume_point=lambda: checkpoint_step(tokenizer))
+
+        align = workdir / "align"
+        if modes["align"] != "omit":
+            stage("align", align, {"align": cfg.align.model_dump(mode="json"), "workers": cfg.workers},
+                  {"corpus": records["corpus"], "tokenizer": records["tokenizer"]}, "tokenizer",
+                  done=lambda: (align / "brain.json").is_file(),
+                  run=lambda input_run: run_llm_align(cfg, corpus, tokenizer / "tokenizer", align, tracker, parent,
+                                                      input_run),
+                  resume_point=lambda: checkpoint_step(align))
+
+        (workdir / "pipeline.json").write_text(json.dumps(
+            {"parent_run_id": parent.run_id, "tracking_uri": tracker.uri,
+             "stages": [summary_row(s) for s in result.stages]}, indent=2))
         parent.log_artifact(workdir / "pipeline.json")
     return result
+
+
+def key_metric(stage: StageResult) -> str:
+    """The one figure that says how a stage went."""
+    s = stage.summary
+    if stage.name == "synth" and "scans" in s:
+        return f"{s['scans']} scans"
+    if stage.name == "corpus" and {"ok", "scans"} <= set(s):
+        return f"{s['ok']}/{s['scans']} scans ok"
+    if stage.name == "tokenizer" and "reconstruction_r2" in s:
+        return f"val R^2 {s['reconstruction_r2']:.3f}"
+    if stage.name == "align":
+        for key, label in (("f2f_accuracy", "val F2F acc"), ("caption_fidelity", "val caption fidelity"),
+                           ("t2t_perplexity_text_rows", "val T2T ppl")):
+            if isinstance(s.get(key), (int, float)):
+                return f"{label} {s[key]:.3f}"
+    return ""
+
+
+def summary_row(stage: StageResult) -> dict:
+    status = stage.status
+    if stage.status == "resumed" and stage.resumed_from is not None:
+        status = f"resumed from step {stage.resumed_from}"
+    elif stage.status == "reused" and stage.stale:
+        status = "reused (other config)"
+    return {"stage": stage.name, "status": status, "seconds": round(stage.seconds, 2), "metric": key_metric(stage),
+            "out": str(stage.out), "run_id": stage.run_id, "output_run_id": stage.output_run_id}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes}:{sec:02d}" if minutes < 60 else f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}"
+
+
+def summary_table(result: PipelineResult) -> str:
+    """One line per stage: stage, what happened, time, key metric, output folder."""
+    rows = [("stage", "status", "time", "key metric", "output")]
+    rows += [(r["stage"], r["status"], _duration(r["seconds"]) if r["status"] != "reused" else "-", r["metric"],
+              r["out"]) for r in map(summary_row, result.stages)]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row[:4], widths)), row[4]]).rstrip()
+                     for row in rows)
