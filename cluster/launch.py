@@ -12,6 +12,7 @@ A stage is a plain function `train(cfg, inputs, runtime)` whose typed `inputs` (
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
@@ -82,7 +83,15 @@ def run_training(train_fn, cfg, inputs, *, workers: int, log_fn, storage: Path, 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # workers run elsewhere (another process, another node): relative paths would resolve against their folder
+    inputs = dataclasses.replace(inputs, **{f.name: Path(getattr(inputs, f.name)).resolve()
+                                            for f in dataclasses.fields(inputs)
+                                            if isinstance(getattr(inputs, f.name), Path)})
+
     def loop(config: dict) -> None:
+        from cluster.logs import quiet_third_party
+
+        quiet_third_party()  # a worker is a fresh process: the CLI's start-up quieting did not run there
         train_fn(cfg, inputs, RayTrainRuntime(log_fn))  # the last checkpoint report carries the metrics
 
     if not ray.is_initialized():

@@ -146,10 +146,18 @@ def test_brain_rows_start_from_the_codebook_in_the_llms_space(stage1, llm_dir):
     assert (v.first_id, v.size) == (n_text + 2, brain.config.codebook_size)
     assert tokenizer.convert_ids_to_tokens(v.first_id + 5) == "<|brain_5|>"
     codebook = brain.codebook.float()  # to_llm(codes): the LLM's space, where stage 1's domain loss aligned them
+    centred = codebook - codebook.mean(0)
     for weight in (model.backbone.get_input_embeddings().weight, model.backbone.get_output_embeddings().weight):
         rows = weight[v.first_id: v.first_id + v.size].detach().float()
-        scale = rows.norm() / codebook.norm()
-        torch.testing.assert_close(rows, codebook * scale, rtol=1e-5, atol=1e-6)  # one scalar, same directions
+        text = weight[:n_text].detach().float()
+        # one affine map: the codebook's geometry, centred on the text rows' mean, with the text rows' spread
+        torch.testing.assert_close(rows.mean(0), text.mean(0), rtol=1e-4, atol=1e-5)
+        scale = (rows - rows.mean(0)).norm() / centred.norm()
+        torch.testing.assert_close(rows - rows.mean(0), centred * scale, rtol=1e-4, atol=1e-5)
+        # with the text rows' spread inside the codes' span
+        basis = torch.linalg.svd(centred, full_matrices=False).Vh[: brain.config.code_dim].T
+        spread = lambda x: (x - x.mean(0)).pow(2).sum(1).mean().sqrt()  # noqa: E731
+        torch.testing.assert_close(spread(rows), spread(text @ basis), rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("lora", [False, True])
