@@ -12,6 +12,8 @@
     scans = open_zarr(corpus); x = scans["UKB-ab12cd34ef56-2-1"]    # random access by key, X [T, N]
 
     keys = split_keys(corpus, "train")                              # the ok scans of a split, sorted
+    items = read_instructions(corpus, "train")                      # {key: qa.json items}
+    pheno = read_phenotypes(corpus, "test")                         # DataFrame by key: subject, sex, age, ...
     rois = read_rois(corpus)                                        # DataFrame: index, label, network
     groups = roi_network_groups(corpus)                             # one-hot ROI -> network [N, networks]
     ref = read_reference(corpus)                                    # reference fits: networks, gradients, ICA
@@ -289,6 +291,46 @@ def read_captions(corpus: str | Path, split: str, *, storage_options: dict | Non
     """{key: caption} of every sample of the split, read in one pass over its shards (errors raise here)."""
     shards = ({"url": u} for u in shard_urls(corpus, split, storage_options=storage_options))
     return {s["__key__"]: s["caption.txt"].decode("utf-8") for s in _tar_samples(shards, storage_options)}
+
+
+def _read_members(corpus: str | Path, split: str, member: str, storage_options: dict | None) -> dict[str, bytes]:
+    """{key: raw bytes of `member`} of every sample of the split, one pass over its shards (errors raise here)."""
+    shards = ({"url": u} for u in shard_urls(corpus, split, storage_options=storage_options))
+    return {s["__key__"]: s[member] for s in _tar_samples(shards, storage_options)}
+
+
+def read_instructions(corpus: str | Path, split: str, *, storage_options: dict | None = None) -> dict[str, list]:
+    """{key: instruction items} (`qa.json`, schema in `corpus_builder.instructions`) of every sample of the split."""
+    return {k: json.loads(v) for k, v in _read_members(corpus, split, "qa.json", storage_options).items()}
+
+
+PHENOTYPE_COLUMNS = ("sex", "age", "fluid_intelligence", "diagnosis")
+
+
+def read_phenotypes(corpus: str | Path, split: str, *, storage_options: dict | None = None) -> pd.DataFrame:
+    """One row per scan of the split, indexed by key (sorted): dataset, subject (the pseudonym: subject-level checks
+    group by it), site, split, and the phenotypes of `meta.json` (sex as written, age and fluid intelligence as
+    floats, diagnosis as written; NaN / None where the scan has none)."""
+    metas = {k: json.loads(v) for k, v in _read_members(corpus, split, "meta.json", storage_options).items()}
+    manifest = read_manifest(corpus, storage_options=storage_options).set_index("key")
+    rows = []
+    for key in sorted(metas):
+        meta = metas[key]
+        pheno = meta.get("phenotypes") or {}
+        row = {"key": key, "dataset": meta.get("dataset"),
+               "subject": manifest.at[key, "subject"] if key in manifest.index else None,
+               "site": meta.get("site"), "split": meta.get("split", split)}
+        for name in PHENOTYPE_COLUMNS:
+            value = pheno.get(name)
+            if name in ("age", "fluid_intelligence"):
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    value = float("nan")
+            row[name] = value
+        rows.append(row)
+    columns = ["key", "dataset", "subject", "site", "split", *PHENOTYPE_COLUMNS]
+    return pd.DataFrame(rows, columns=columns).set_index("key")
 
 
 # ---- Ray Data -----------------------------------------------------------------------------------------
