@@ -96,3 +96,105 @@ def test_read_instructions_and_phenotypes_per_split(corpus):
         sexes = {k: next(i["answer"] for i in v if i["attribute"] == "sex") for k, v in items.items()}
         assert all((sexes[k] == "Male") == (pheno.at[k, "sex"] == "M") for k in keys)
     assert set(read_phenotypes(corpus, "train")["subject"]).isdisjoint(read_phenotypes(corpus, "test")["subject"])
+
+
+# ---- tasks ------------------------------------------------------------------------------------------------
+
+
+def test_tasks_from_phenotypes_and_skipped_with_a_reason(corpus):
+    from llm_train.tasks import TASKS, select_tasks
+
+    train, test = read_phenotypes(corpus, "train"), read_phenotypes(corpus, "test")
+    run, skipped = select_tasks(None, train, test)
+    names = {t.task.name for t in run}
+    assert {"sex", "age"} <= names
+    assert skipped["ad"] == "the corpus has no diagnosis label for Alzheimer's disease"
+    assert skipped["asd"] == "the corpus has no diagnosis label for autism spectrum disorder"
+    sex = next(t for t in run if t.task.name == "sex")
+    assert set(sex.test.index) <= set(test.index)
+    assert all((sex.test[k] == 1) == (test.at[k, "sex"] == "M") for k in sex.test.index)
+    if "adhd" in names:  # ABCD only: patients against the controls of ABCD, never UKB's healthy adults
+        adhd = next(t for t in run if t.task.name == "adhd")
+        assert set(train.loc[adhd.train.index, "dataset"]) == {"ABCD"}
+    with pytest.raises(ValueError, match="unknown task"):
+        select_tasks(["sex", "iq"], train, test)
+    assert TASKS["adhd"].options == ("no diagnosis", "ADHD")
+
+
+# ---- scoring ----------------------------------------------------------------------------------------------
+
+
+def _hand_loglik(model, ids: list[int], answer: list[int]) -> float:
+    """log P(answer | ids) from plain input ids through the backbone (the tokens mode's embeddings are the
+    brain tokens' own rows)."""
+    full = torch.tensor([ids + answer])
+    with torch.no_grad():
+        logp = torch.log_softmax(model.backbone(input_ids=full).logits.float()[0], -1)
+    return float(sum(logp[len(ids) - 1 + i, t] for i, t in enumerate(answer)))
+
+
+def test_option_scoring_equals_a_hand_computation(corpus, model_dir):
+    from llm_train.data import encode_scans
+    from llm_train.export import load_aligned
+    from llm_train.scoring import Shot, option_loglik, option_probabilities, question_ids, shot_text
+
+    model, tokenizer, brain, meta = load_aligned(model_dir)
+    from corpus_builder.readers import open_zarr
+
+    keys = split_keys(corpus, "test")[:3]
+    x = torch.from_numpy(open_zarr(corpus).batch(keys).astype(np.float32))
+    scans = encode_scans(brain, x, False)
+    q = question_ids(tokenizer, "the brain is")
+    eos = tokenizer.eos_token_id
+    options = [tokenizer("default network", add_special_tokens=False)["input_ids"] + [eos],
+               tokenizer("visual", add_special_tokens=False)["input_ids"] + [eos]]
+    v = model.vocab
+    shot_codes = encode_scans(brain, torch.from_numpy(open_zarr(corpus).batch(split_keys(corpus, "train")[:1])
+                                                      .astype(np.float32)), False)["codes"][0]
+    text = shot_text(tokenizer, "the brain is", "weak")
+    for shots in ([], [Shot({"codes": shot_codes}, text)]):
+        got = option_loglik(model, scans, q, options, shots)
+        prefix_shots = []
+        for s in shots:
+            prefix_shots += [v.scan_start, *v.ids(s.scan["codes"]).flatten().tolist(), v.scan_end, *s.text]
+        for i in range(len(keys)):
+            ids = prefix_shots + [v.scan_start, *v.ids(scans["codes"][i]).flatten().tolist(), v.scan_end, *q]
+            for c, option in enumerate(options):
+                assert got[i, c].item() == pytest.approx(_hand_loglik(model, ids, option), abs=1e-4)
+        probs = option_probabilities(model, tokenizer, scans, "the brain is", ["default network", "visual"], shots)
+        np.testing.assert_allclose(probs, torch.softmax(got.double(), 1).numpy(), atol=1e-9)
+
+
+def test_calibration_matches_scikit_learn():
+    from sklearn.calibration import calibration_curve
+
+    from llm_train.scoring import classification_metrics, expected_calibration_error, reliability
+
+    rng = np.random.default_rng(0)
+    p = np.concatenate([rng.uniform(size=300), [0.0, 0.1, 0.2, 0.5, 0.9, 1.0]])
+    y = (rng.uniform(size=p.size) < p ** 1.5).astype(int)
+    for n_bins in (5, 10, 15):
+        ours = reliability(y, p, n_bins)
+        true, pred = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+        np.testing.assert_allclose(ours["prob_true"], true, atol=1e-12)
+        np.testing.assert_allclose(ours["prob_pred"], pred, atol=1e-12)
+        # ECE by hand from scikit-learn's bins: counts from its own bin edges
+        which = np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], p)
+        counts = np.bincount(which, minlength=n_bins)
+        counts = counts[counts > 0]
+        assert expected_calibration_error(y, p, n_bins) == pytest.approx(
+            float(np.sum(counts * np.abs(true - pred)) / len(p)), abs=1e-12)
+    from sklearn.metrics import roc_auc_score
+
+    m = classification_metrics(y, np.stack([1 - p, p], 1))
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p))
+
+
+def test_numbers_parse_and_misses_are_counted():
+    from llm_train.scoring import parse_number, regression_metrics
+
+    assert parse_number("63") == 63 and parse_number(" 7.5") == 7.5
+    assert parse_number("") is None and parse_number("7..5") is None and parse_number("1.2.3") is None
+    m = regression_metrics(np.array([60.0, 70.0, 80.0, 50.0]), [61.0, None, 79.0, 52.0])
+    assert m["misses"] == 1 and m["n"] == 4
+    assert m["mae"] == pytest.approx((1 + 1 + 2) / 3)
