@@ -198,3 +198,34 @@ def test_numbers_parse_and_misses_are_counted():
     m = regression_metrics(np.array([60.0, 70.0, 80.0, 50.0]), [61.0, None, 79.0, 52.0])
     assert m["misses"] == 1 and m["n"] == 4
     assert m["mae"] == pytest.approx((1 + 1 + 2) / 3)
+
+
+# ---- baselines --------------------------------------------------------------------------------------------
+
+
+def test_fc_features_are_fisher_z_of_the_upper_triangle(corpus):
+    from corpus_builder.readers import open_zarr
+    from llm_train.baselines import fc_features
+
+    keys = split_keys(corpus, "train")[:2]
+    x = open_zarr(corpus).batch(keys)
+    got = fc_features(x)
+    assert got.shape == (2, N_ROIS * (N_ROIS - 1) // 2)
+    corr = np.corrcoef(x[1].T.astype(np.float64))
+    np.testing.assert_allclose(got[1], np.arctanh(corr[np.triu_indices(N_ROIS, 1)]), atol=1e-8)
+
+
+def test_linear_baseline_chooses_its_regularisation_on_train_folds_grouped_by_subject():
+    from llm_train.baselines import fit_predict
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(30), 2)  # two scans per subject
+    y = np.repeat(np.arange(30) % 2, 2)
+    x = rng.normal(size=(60, 20)) + y[:, None] * 0.8
+    xt = rng.normal(size=(20, 20)) + (np.arange(20) % 2)[:, None] * 0.8
+    p, chosen = fit_predict(x, y, groups, xt, classification=True)
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(np.arange(20) % 2, p) > 0.9 and chosen["folds"] == 5 and chosen["param"] == "C"
+    v, chosen = fit_predict(x, x[:, 0] * 3 + 1, groups, xt, classification=False)
+    assert np.corrcoef(v, xt[:, 0])[0, 1] > 0.9 and chosen["param"] == "alpha"
