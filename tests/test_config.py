@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,54 @@ def test_cli_config_prints_overrides(tmp_path):
     proc = subprocess.run([FMRILM, "config", "--set", "synth.subjects=9"], capture_output=True, text=True,
                           check=True)
     assert yaml.safe_load(proc.stdout)["synth"]["subjects"] == 9
+
+
+def test_paper_scale_config_validates_with_fmrilm_config():
+    path = ROOT / "configs" / "ukb_abcd.yaml"
+    proc = subprocess.run([FMRILM, "config", "--config", str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    cfg = load_config(path)
+    assert printed["name"] == cfg.name == "ukb_abcd"
+    # UKB + ABCD from named placeholders on shared storage; norms from UKB
+    assert [s.split(":", 1)[0] for s in cfg.corpus.sources] == ["ukb_csv", "abcd_cifti"]
+    assert all(s.split(":", 1)[1].startswith("/shared/") for s in cfg.corpus.sources)
+    assert str(cfg.corpus.source.atlas.cifti_labels).startswith("/shared/") and cfg.corpus.reference.dataset == "UKB"
+    # 450 ROIs, T 160 at TR 2 s, P 16, K 8192, Qwen3-0.6B (width 1024) by local path for both stages
+    assert cfg.corpus.source.atlas.n_rois == cfg.tokenizer.model.n_rois == 450
+    assert cfg.corpus.source.cleaning.length == cfg.tokenizer.model.length == 160
+    assert cfg.corpus.source.cleaning.tr == 2.0
+    m = cfg.tokenizer.model
+    assert (m.patch, m.codebook_size, m.llm_dim) == (16, 8192, 1024)
+    assert cfg.align.base == cfg.tokenizer.text.llm and Path(cfg.align.base).name == "Qwen3-0.6B"
+    assert Path(cfg.align.base).is_absolute()
+    # ZeRO-2 for the tokenizer, ZeRO-3 for the LLM (configs that exist), bf16, AdamW lr 1e-4 cosine, global batch 32
+    stages = {name: json.loads((ROOT / getattr(cfg, name).deepspeed).read_text())["zero_optimization"]["stage"]
+              for name in ("tokenizer", "align")}
+    assert stages == {"tokenizer": 2, "align": 3}
+    for stage in (cfg.tokenizer, cfg.align):
+        assert stage.precision == "bf16"
+        assert (stage.optim.lr, stage.optim.schedule) == (1e-4, "cosine")
+        assert stage.batch_size * cfg.workers == 32
+    assert cfg.workers == 8  # one Ray Train worker per GPU of one 8-GPU node
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "deepspeed").glob("*.json")))
+def test_every_deepspeed_config_builds_an_engine_that_steps(name):
+    import torch
+
+    from fmrilm_core.engine import build_engine, deepspeed_config
+
+    ds = deepspeed_config(ROOT / "configs" / "deepspeed" / name, micro_batch=2, grad_clip=1.0, lr=1e-2,
+                          betas=(0.9, 0.95), weight_decay=0.0, precision="fp32")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    engine, _ = build_engine(model, list(model.parameters()), ds, lambda step: 1.0)
+    x = torch.randn(2, 8)
+    losses = []
+    for _ in range(3):
+        loss = engine(x).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
