@@ -245,6 +245,41 @@ def _ask(cfg: PipelineConfig, model: Path, scan: str, corpus: Path | None, quest
     return reader.ask(x, question, max_new_tokens, labels) or "(the model generated no text)"
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Option(help="a model folder of `fmrilm llm align` (or `llm instruct`)")],
+    corpus: Annotated[Path, typer.Option(help="the corpus whose test split is scored (same atlas as the model)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="metrics.json, predictions.json, eval.json, report.html")],
+    tasks: Annotated[str | None, typer.Option(
+        help="comma-separated: sex, age, fluid_intelligence, ad, adhd, asd (default: all; those whose label the "
+             "corpus lacks are skipped and reported)")] = None,
+    shots: Annotated[str, typer.Option(help="in-context examples per prompt, comma-separated (0 = zero-shot); "
+                                            "examples come from train subjects only")] = "0",
+    max_test: Annotated[int | None, typer.Option(help="score at most this many test scans per task")] = None,
+    examples: Annotated[int, typer.Option(help="test scans described in the report")] = 4,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Score a model folder on the paper's tasks (test split), beside the Fisher-z FC baseline and a probe on the
+    stage-1 features: metrics.json, a self-contained report.html, and the table here."""
+    from cluster.eval_stage import run_eval
+    from cluster.pipeline import tracker_for
+    from llm_train.task_eval import metrics_table
+
+    cfg = _load(config, set_)
+    try:
+        counts = tuple(int(k) for k in shots.split(",") if k.strip())
+    except ValueError:
+        _fail(f"--shots {shots!r}: expected comma-separated integers such as 0,2")
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    result = _guard(run_eval, cfg, model, corpus, out, tracker_for(cfg, cfg.workdir), tasks=names, shots=counts,
+                    max_test=max_test, examples=examples)
+    import json
+
+    typer.echo(metrics_table(json.loads((out / "metrics.json").read_text())))
+    typer.echo(f"report -> {out / 'report.html'}  (MLflow run {result.run_id})")
+
+
 @app.command()
 def pipeline(
     config: ConfigOpt = None,

@@ -16,7 +16,6 @@ from corpus_builder.build import build_corpus
 from corpus_builder.config import SynthConfig
 from corpus_builder.readers import read_instructions, read_manifest, read_phenotypes, split_keys
 from corpus_builder.synth import synthesize
-from fmrilm_core.errors import InputError
 from fmrilm_core.runtime import LocalRuntime
 from tests.conftest import TINY_WORDS, tiny_tokenizer
 
@@ -229,3 +228,133 @@ def test_linear_baseline_chooses_its_regularisation_on_train_folds_grouped_by_su
     assert roc_auc_score(np.arange(20) % 2, p) > 0.9 and chosen["folds"] == 5 and chosen["param"] == "C"
     v, chosen = fit_predict(x, x[:, 0] * 3 + 1, groups, xt, classification=False)
     assert np.corrcoef(v, xt[:, 0])[0, 1] > 0.9 and chosen["param"] == "alpha"
+
+
+# ---- the evaluation run ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, corpus, model_dir):
+    from llm_train.task_eval import evaluate_tasks
+
+    out = tmp_path_factory.mktemp("eval_out") / "E"
+    metrics = evaluate_tasks(model_dir, corpus, out, shots=(0, 2), examples=2, max_new_tokens=4, device="cpu")
+    return out, metrics
+
+
+def test_metrics_hold_every_task_protocol_and_both_baselines(evaluated):
+    out, metrics = evaluated
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["ad"] == {"skipped": "the corpus has no diagnosis label for Alzheimer's disease"}
+    for name in ("sex", "age"):
+        entry = metrics[name]
+        for protocol in ("zero_shot", "k_shot_2", "fc_baseline", "tokenizer_probe"):
+            assert protocol in entry, (name, protocol)
+    for protocol in ("zero_shot", "k_shot_2", "fc_baseline", "tokenizer_probe"):
+        assert set(metrics["sex"][protocol]) >= {"accuracy", "balanced_accuracy", "auc", "f1", "ece"}
+        assert set(metrics["age"][protocol]) >= {"mae", "r", "r2", "misses"}
+    # the tiny word-level tokenizer has no digit token: every generated age is a counted miss
+    assert metrics["age"]["zero_shot"]["misses"] == metrics["age"]["n_test"]
+    assert np.isfinite(metrics["age"]["fc_baseline"]["mae"])
+
+
+def test_no_k_shot_prompt_holds_a_test_subject(evaluated, corpus):
+    from llm_train.task_eval import choose_shots
+    from llm_train.tasks import select_tasks
+
+    out, _ = evaluated
+    info = json.loads((out / "eval.json").read_text())
+    train, test = read_phenotypes(corpus, "train"), read_phenotypes(corpus, "test")
+    test_subjects = set(test["subject"])
+    used = info["in_context_examples"]
+    assert used["sex"]["2"] and used["sex"]["0"] == []
+    for per_k in used.values():
+        for keys in per_k.values():
+            assert set(keys) <= set(train.index)
+            assert not set(train.loc[keys, "subject"]) & test_subjects
+    runnable, _ = select_tasks(["sex"], train, test)
+    for seed in range(20):  # class-balanced, one scan per subject, train only, whatever the seed
+        keys = choose_shots(runnable[0], train, test_subjects, 4, seed)
+        assert sorted(runnable[0].train[keys]) == [0, 0, 1, 1]
+        assert len(set(train.loc[keys, "subject"])) == 4 and not set(train.loc[keys, "subject"]) & test_subjects
+    poisoned = train.copy()
+    poisoned["subject"] = "same-subject-as-test"
+    with pytest.raises(RuntimeError, match="not train scans of train subjects"):
+        choose_shots(runnable[0], poisoned, {"same-subject-as-test"}, 1, 0)
+
+
+def test_report_is_self_contained_and_holds_every_table_and_figure(evaluated):
+    import base64
+    from html.parser import HTMLParser
+
+    out, metrics = evaluated
+
+    class Parse(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.images, self.links = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "table":
+                self.tables.append(attrs.get("id"))
+            if tag == "img":
+                self.images.append(attrs)
+            for name in ("src", "href"):
+                if name in attrs and tag != "img":
+                    self.links.append(attrs[name])
+
+    page = Parse()
+    page.feed((out / "report.html").read_text())
+    ran = [k for k, v in metrics.items() if "skipped" not in v]
+    assert {f"table-{k}" for k in ran} | {"run", "skipped", "descriptions"} <= set(page.tables)
+    classification = [k for k in ran if metrics[k]["kind"] == "classification"]
+    assert len(page.images) == 3 * len(classification) + (len(ran) - len(classification))
+    for img in page.images:
+        assert img["src"].startswith("data:image/png;base64,")
+        assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.links == []
+    assert "http" not in (out / "report.html").read_text()
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+
+
+def _fmrilm(*args: str):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_eval_command_prints_the_table_and_refuses_bad_input_in_one_line(corpus, model_dir, tmp_path):
+    import shutil
+
+    base = ["eval", "--model", str(model_dir), "--corpus", str(corpus), "--set", f"workdir={tmp_path / 'w'}"]
+    done = _fmrilm(*base, "--out", str(tmp_path / "E"), "--tasks", "sex,ad", "--max-test", "4", "--examples", "1")
+    assert done.exit_code == 0, done.output
+    assert "sex" in done.output and "fc_baseline" in done.output and "tokenizer_probe" in done.output
+    assert "skipped: the corpus has no diagnosis label" in done.output
+    assert (tmp_path / "E" / "report.html").is_file() and (tmp_path / "w" / "mlflow.db").is_file()
+
+    # more shots than the context holds: 10 scans of 50 tokens and their text pass the tiny Llama's 512
+    done = _fmrilm(*base, "--out", str(tmp_path / "E2"), "--tasks", "sex", "--shots", "9")
+    assert done.exit_code == 2
+    lines = [line for line in done.output.splitlines() if line.startswith("error:")]  # (weight-loading bars aside)
+    assert len(lines) == 1 and "9-shot prompt needs" in lines[0] and "context holds 512" in lines[0], done.output
+    assert "Traceback" not in done.output
+
+    # a model folder from another atlas
+    other = tmp_path / "other_model"
+    shutil.copytree(model_dir, other, ignore=shutil.ignore_patterns("checkpoints"))
+    meta = json.loads((other / "brain.json").read_text())
+    meta["atlas"]["labels_sha256"] = "0" * 16
+    (other / "brain.json").write_text(json.dumps(meta))
+    done = _fmrilm("eval", "--model", str(other), "--corpus", str(corpus), "--out", str(tmp_path / "E3"),
+                   "--set", f"workdir={tmp_path / 'w'}")
+    assert done.exit_code == 2 and done.output.strip().startswith("error:") and "reads another atlas" in done.output
+    assert len(done.output.strip().splitlines()) == 1  # refused before any model is loaded
+
+    done = _fmrilm(*base, "--out", str(tmp_path / "E4"), "--tasks", "iq")
+    assert done.exit_code == 2 and "unknown task" in done.output

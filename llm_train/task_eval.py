@@ -1,0 +1,280 @@
+"""`fmrilm eval`: a model folder on the paper's tasks, beside the baselines, on the test split of a corpus.
+
+    metrics = evaluate_tasks(model_dir, corpus, out, tasks=None, shots=(0, 2))
+
+Writes (DESIGN 3.8):
+    OUT/metrics.json      task -> protocol (`zero_shot`, `k_shot_<k>`) -> metric, and beside them `fc_baseline` and
+                          `tokenizer_probe` on the same test scans; a skipped task is {"skipped": reason}
+    OUT/predictions.json  every test scan's label and prediction per task and protocol (what the figures show)
+    OUT/eval.json         the run: model, corpus, atlas, shots asked, the train scans used as examples per task and k
+    OUT/report.html       self-contained report (`llm_train.report`)
+
+Protocols built here: `zero_shot` (no examples: with a stage-2 folder this is the aligned model asked directly) and
+`k_shot_<k>` (k examples in context, drawn from the TRAIN split only, class-balanced for a classification; the test
+scan's subject can never be among them, and a draw that would hold a test subject raises). Not built yet: the
+`train_n_<n>` (fine-tuning on N subjects) and `tuned` protocols, which need `fmrilm llm instruct`.
+
+Everything is scored on the scans of the test split (subject-level splits: no test subject has a train scan).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from corpus_builder.instructions import canonical_answers
+from corpus_builder.readers import open_zarr, read_captions, read_phenotypes
+from fmrilm_core.errors import InputError
+from llm_train.baselines import fc_features, fit_predict, probe_features
+from llm_train.data import encode_scans
+from llm_train.export import atlas_signature, load_aligned, read_meta
+from llm_train.scoring import (
+    Shot,
+    answer_ids,
+    check_context,
+    classification_metrics,
+    decode_numbers,
+    numeric_token_ids,
+    option_probabilities,
+    parse_number,
+    question_ids,
+    regression_metrics,
+    shot_text,
+)
+from llm_train.tasks import TaskData, select_tasks
+
+BASELINES = ("fc_baseline", "tokenizer_probe")
+
+
+def protocol_name(k: int) -> str:
+    return "zero_shot" if k == 0 else f"k_shot_{k}"
+
+
+def check_atlas(model_dir: Path, corpus: Path) -> dict:
+    """The model folder's brain.json; one-line error when its atlas is not the corpus's."""
+    meta = read_meta(model_dir)
+    ours, theirs = atlas_signature(corpus), meta.get("atlas") or {}
+    if theirs.get("labels_sha256") != ours["labels_sha256"]:
+        raise InputError(f"{model_dir}: its brain tokenizer reads another atlas (N={theirs.get('n_rois')}, labels "
+                         f"{theirs.get('labels_sha256')}) than the corpus {corpus} (N={ours['n_rois']}, labels "
+                         f"{ours['labels_sha256']})")
+    return meta
+
+
+def answer_text(data: TaskData, label) -> str:
+    """The canonical answer of a label: an option for a classification, the corpus's answer for a value."""
+    task = data.task
+    if task.kind == "classification":
+        return task.options[int(label)]
+    return canonical_answers({task.attribute: float(label)})[task.attribute]
+
+
+def choose_shots(data: TaskData, train_pheno: pd.DataFrame, test_subjects: set, k: int, seed: int) -> list[str]:
+    """k train scans as in-context examples: class-balanced (round-robin over the classes) for a classification,
+    drawn at random for a regression; one scan per subject. Raises if a chosen scan is not a train scan or belongs
+    to a test subject (cannot happen with subject-level splits; checked because it would void the figure)."""
+    if k == 0:
+        return []
+    rng = random.Random(f"{seed}-{data.task.name}-{k}")
+    labels = data.train
+    keys = sorted(labels.index)
+    rng.shuffle(keys)
+    if data.task.kind == "classification":
+        pools = [[key for key in keys if labels[key] == c] for c in range(len(data.task.options))]
+    else:
+        pools = [keys]
+    chosen, used, i = [], set(), 0
+    while len(chosen) < k and any(pools):
+        pool = pools[i % len(pools)]
+        i += 1
+        while pool:
+            key = pool.pop(0)
+            subject = train_pheno.at[key, "subject"]
+            if subject not in used:
+                chosen.append(key)
+                used.add(subject)
+                break
+    if len(chosen) < k:
+        raise InputError(f"{data.task.name}: {k} shots asked, the train split has {len(chosen)} usable subjects")
+    bad = [key for key in chosen if key not in train_pheno.index or train_pheno.at[key, "split"] != "train"
+           or train_pheno.at[key, "subject"] in test_subjects]
+    if bad:
+        raise RuntimeError(f"{data.task.name}: in-context examples {bad} are not train scans of train subjects")
+    return chosen
+
+
+class ScanCache:
+    """ROI series, codes (and features) of the corpus's scans, read once."""
+
+    def __init__(self, corpus: Path, brain_tokenizer, features: bool):
+        self.zarr = open_zarr(corpus)
+        self.brain_tokenizer, self.features = brain_tokenizer, features
+        self.x: dict[str, np.ndarray] = {}
+        self.encoded: dict[str, dict[str, torch.Tensor]] = {}
+
+    def series(self, keys: list[str]) -> np.ndarray:
+        todo = [k for k in keys if k not in self.x]
+        if todo:
+            for key, x in zip(todo, self.zarr.batch(todo)):
+                self.x[key] = np.asarray(x, np.float32)
+        return np.stack([self.x[k] for k in keys])
+
+    def scans(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        todo = [k for k in keys if k not in self.encoded]
+        for i in range(0, len(todo), 32):
+            part = todo[i:i + 32]
+            out = encode_scans(self.brain_tokenizer, torch.from_numpy(self.series(part)), self.features)
+            for j, key in enumerate(part):
+                self.encoded[key] = {name: value[j] for name, value in out.items()}
+        return {name: torch.stack([self.encoded[k][name] for k in keys]) for name in self.encoded[keys[0]]}
+
+
+def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str] | None = None,
+                   shots: tuple[int, ...] = (0,), seed: int = 0, max_test: int | None = None, batch_size: int = 8,
+                   examples: int = 4, max_new_tokens: int = 96, device: str | None = None,
+                   report: bool = True) -> dict:
+    """Score the model folder and the baselines on the test split; write OUT (see the module doc); return the
+    metrics. `max_test` caps the test scans per task (a seeded subset, for quick runs)."""
+    model_dir, corpus, out = Path(model_dir), Path(corpus), Path(out)
+    shots = tuple(sorted(set(int(k) for k in shots)))
+    if any(k < 0 for k in shots):
+        raise InputError(f"--shots: counts must be >= 0, got {list(shots)}")
+    meta = check_atlas(model_dir, corpus)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    train_pheno, test_pheno = read_phenotypes(corpus, "train"), read_phenotypes(corpus, "test")
+    if test_pheno.empty:
+        raise InputError(f"{corpus}: the test split has no scans")
+    try:
+        runnable, skipped = select_tasks(tasks, train_pheno, test_pheno)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    model, tokenizer, brain_tokenizer, meta = load_aligned(model_dir, device)
+    fmt = meta.get("prompt_format", "plain")
+    cache = ScanCache(corpus, brain_tokenizer, meta["input_mode"] == "features")
+    test_subjects = set(test_pheno["subject"])
+    numeric = None
+    metrics: dict[str, dict] = {}
+    predictions: dict[str, dict] = {}
+    used_shots: dict[str, dict] = {}
+    for data in runnable:
+        task = data.task
+        test_keys = sorted(data.test.index)
+        if max_test is not None and len(test_keys) > max_test:
+            test_keys = sorted(random.Random(f"{seed}-{task.name}").sample(test_keys, max_test))
+        y_test = data.test[test_keys].to_numpy()
+        classification = task.kind == "classification"
+        entry: dict = {"kind": task.kind, "question": task.question, "n_train": len(data.train),
+                       "n_test": len(test_keys)}
+        if classification:
+            entry["options"] = list(task.options)
+        preds: dict = {"keys": test_keys, "y": y_test.tolist()}
+        q = question_ids(tokenizer, task.question, fmt)
+        longest = (max(len(answer_ids(tokenizer, o)) for o in task.options) + 1 if classification else 4)
+        for k in shots:
+            chosen = choose_shots(data, train_pheno, test_subjects, k, seed)
+            used_shots.setdefault(task.name, {})[str(k)] = chosen
+            examples_k = [Shot({n: v[0] for n, v in cache.scans([key]).items()},
+                               shot_text(tokenizer, task.question, answer_text(data, data.train[key]), fmt))
+                          for key in chosen]
+            check_context(model, examples_k, q, longest)
+            name = protocol_name(k)
+            if classification:
+                probs = np.concatenate([
+                    option_probabilities(model, tokenizer, _to(cache.scans(test_keys[i:i + batch_size]), device),
+                                         task.question, list(task.options), examples_k, fmt)
+                    for i in range(0, len(test_keys), batch_size)])
+                entry[name] = classification_metrics(y_test, probs)
+                preds[name] = probs[:, 1].tolist()
+            else:
+                numeric = numeric if numeric is not None else numeric_token_ids(tokenizer)
+                texts = []
+                for i in range(0, len(test_keys), batch_size):
+                    texts += decode_numbers(model, tokenizer, _to(cache.scans(test_keys[i:i + batch_size]), device),
+                                            task.question, examples_k, fmt, numeric=numeric)
+                values = [parse_number(t) for t in texts]
+                entry[name] = regression_metrics(y_test, values)
+                preds[name] = values
+                preds[name + "_text"] = texts
+        train_keys = sorted(data.train.index)
+        groups = train_pheno.loc[train_keys, "subject"].astype(str).to_numpy()
+        y_train = data.train[train_keys].to_numpy()
+        for base, features in (("fc_baseline", lambda ks: fc_features(cache.series(ks))),
+                               ("tokenizer_probe", lambda ks: probe_features(brain_tokenizer, cache.series(ks)))):
+            pred, chosen_reg = fit_predict(features(train_keys), y_train, groups, features(test_keys),
+                                           classification, seed)
+            entry[base] = (classification_metrics(y_test, pred) if classification else
+                           regression_metrics(y_test, [float(v) for v in pred]))
+            entry[base]["regularisation"] = chosen_reg
+            preds[base] = [float(v) for v in pred]
+        metrics[task.name] = entry
+        predictions[task.name] = preds
+    for name, reason in skipped.items():
+        metrics[name] = {"skipped": reason}
+    descriptions = describe_examples(model, tokenizer, cache, corpus, meta, sorted(test_pheno.index), examples,
+                                     max_new_tokens, device, seed)
+    info = {"model": str(model_dir.resolve()), "corpus": str(corpus), "stage": meta.get("stage"),
+            "atlas": meta.get("atlas"), "shots": list(shots), "seed": seed, "max_test": max_test,
+            "prompt_format": fmt, "in_context_examples": used_shots,
+            "test_subjects": len(test_subjects), "test_scans": len(test_pheno)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default) + "\n")
+    (out / "predictions.json").write_text(json.dumps(predictions, default=_json_default) + "\n")
+    (out / "eval.json").write_text(json.dumps(info | {"descriptions": descriptions}, indent=1) + "\n")
+    if report:
+        from llm_train.report import write_report
+
+        write_report(out / "report.html", metrics, predictions, descriptions, info)
+    return metrics
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    raise TypeError(type(value))
+
+
+@torch.no_grad()
+def describe_examples(model, tokenizer, cache: ScanCache, corpus: Path, meta: dict, test_keys: list[str], n: int,
+                      max_new_tokens: int, device, seed: int) -> list[dict]:
+    """Generated descriptions of `n` test scans (the folder's caption prompt) next to their true captions."""
+    from llm_train.evaluate import generate
+
+    if n <= 0 or not test_keys:
+        return []
+    keys = sorted(random.Random(f"{seed}-describe").sample(test_keys, min(n, len(test_keys))))
+    prompt = question_ids(tokenizer, meta.get("prompt") or "Describe this scan.", meta.get("prompt_format", "plain"))
+    ids = generate(model, _to(cache.scans(keys), device), prompt, max_new_tokens, tokenizer.eos_token_id)
+    captions = read_captions(corpus, "test")
+    return [{"key": key, "generated": tokenizer.decode(i, skip_special_tokens=True).strip(),
+             "true": captions.get(key, "")} for key, i in zip(keys, ids)]
+
+
+def metrics_table(metrics: dict) -> str:
+    """The terminal table: one line per task x protocol (baselines included), the main figures."""
+    cols = ("accuracy", "balanced_accuracy", "auc", "f1", "ece", "mae", "r", "r2", "misses")
+    heads = ("acc", "bal_acc", "auc", "f1", "ece", "mae", "r", "r2", "miss")
+    lines = [f"{'task':<20}{'protocol':<18}" + "".join(f"{h:>9}" for h in heads)]
+    for task, entry in metrics.items():
+        if "skipped" in entry:
+            lines.append(f"{task:<20}skipped: {entry['skipped']}")
+            continue
+        for protocol, figures in entry.items():
+            if not isinstance(figures, dict) or protocol == "regularisation":
+                continue
+            cells = []
+            for c in cols:
+                v = figures.get(c)
+                cells.append(f"{'':>9}" if v is None else f"{v:>9.0f}" if c == "misses" else f"{v:>9.3f}")
+            lines.append(f"{task:<20}{protocol:<18}" + "".join(cells))
+    return "\n".join(lines)
