@@ -264,6 +264,18 @@ def test_lora_resumes_exactly_and_saves_an_adapter_stock_peft_loads(stage1, llm_
     assert json.loads(done.stdout.strip().splitlines()[-1]) == pytest.approx(ours, abs=1e-5)
 
 
+def test_gradient_checkpointing_changes_memory_not_the_numbers(stage1, llm_dir, tmp_path):
+    corpus, tok_dir = stage1
+    small = {"scans": 2, "caption_scans": 2, "max_new_tokens": 2, "t2t_docs": 2}
+    runs = {}
+    for flag in (False, True):
+        cfg = align_cfg(llm_dir, lora={"enabled": True, "r": 2, "alpha": 4, "dropout": 0.0}, steps=2,
+                        checkpoint_every=2, eval_every=2, gradient_checkpointing=flag, eval=small)
+        out = tmp_path / str(flag)
+        runs[flag] = train(cfg, AlignInputs(corpus, tok_dir, out), LocalRuntime(out / "checkpoints"))
+    assert runs[True]["final_loss"] == pytest.approx(runs[False]["final_loss"], rel=1e-5)
+
+
 def test_features_mode_trains_and_saves_its_brain_side(stage1, llm_dir, tmp_path):
     corpus, tok_dir = stage1
     cfg = align_cfg(llm_dir, input_mode="features", position_ids="per_step", steps=4, checkpoint_every=4,
