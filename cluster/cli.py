@@ -208,6 +208,34 @@ def llm_align(
     typer.echo(f"model -> {out}  (MLflow run {result.run_id})")
 
 
+@llm_app.command("instruct")
+def llm_instruct(
+    model: Annotated[Path, typer.Option(help="the stage-2 model folder (`fmrilm llm align --out`)")],
+    corpus: Annotated[Path, typer.Option(help="the corpus whose train split's qa.json items are learnt")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the stage-3 model folder (stock-loadable), checkpoints/")],
+    lora: Annotated[bool | None, typer.Option(
+        "--lora/--full", help="LoRA (merged on save) or full fine-tuning [config instruct.lora.enabled]")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers; 0 = in-process (also under torchrun)")] = None,
+    deepspeed: Annotated[Path | None, typer.Option(help="DeepSpeed JSON, ZeRO 0-2")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Stage 3: instruction tuning on the corpus's instruction items (QA, multi-turn, multi-target, descriptions)
+    in the backbone's chat template, loss on the answers only. Re-running resumes."""
+    from cluster.instruct_stage import run_llm_instruct
+    from cluster.pipeline import tracker_for
+
+    extra = [f"workers={workers}"] if workers is not None else []
+    extra += [f"instruct.deepspeed={deepspeed}"] if deepspeed is not None else []
+    extra += [f"instruct.lora.enabled={str(lora).lower()}"] if lora is not None else []
+    cfg = _load(config, set_, extra)
+    result = _guard(run_llm_instruct, cfg, model, corpus, out, tracker_for(cfg, cfg.workdir))
+    for key, value in result.summary.items():
+        if isinstance(value, float):
+            typer.echo(f"  {key:<32} {value:.4f}")
+    typer.echo(f"model -> {out}  (MLflow run {result.run_id})")
+
+
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="e.g. \"Describe this scan.\"")],

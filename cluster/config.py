@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError
 from corpus_builder.config import CorpusConfig, SynthConfig
 from fmrilm_core.config import StrictModel
 from fmrilm_core.errors import InputError
-from llm_train.config import LLMAlignConfig
+from llm_train.config import InstructConfig, LLMAlignConfig
 from tokenizer_train.config import TokenizerTrainConfig
 
 
@@ -39,6 +39,7 @@ class PipelineConfig(StrictModel):
     corpus: CorpusConfig = CorpusConfig()
     tokenizer: TokenizerTrainConfig = TokenizerTrainConfig()
     align: LLMAlignConfig = LLMAlignConfig()
+    instruct: InstructConfig = InstructConfig()
     workers: int = Field(0, ge=0, description="Ray Train workers for training stages; 0 = in-process")
 
 

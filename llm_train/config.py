@@ -82,3 +82,24 @@ class LLMAlignConfig(StrictModel):
         if not any((self.objectives.f2f, self.objectives.f2t, self.objectives.t2t)):
             raise ValueError("objectives: every weight is 0, nothing to train")
         return self
+
+
+class InstructConfig(StrictModel):
+    """Stage 3, instruction tuning (`llm_train.instruct`)."""
+
+    types: list[Literal["qa", "multi_turn", "multi_target", "description"]] = Field(
+        default_factory=lambda: ["qa", "multi_turn", "multi_target", "description"],
+        description="which kinds of qa.json items make up the tuning mix")
+    exclude_attributes: list[Literal["sex", "age", "fluid_intelligence", "diagnosis"]] = Field(
+        default_factory=list, description="attributes left out of the tuning mix: zero-shot in `fmrilm eval`")
+    lora: LoraSettings = LoraSettings()
+    max_tokens: int = Field(256, ge=8, description="text tokens after the scan; longer conversations are cut")
+    batch_size: int = Field(2, ge=1)
+    steps: int = Field(200, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    eval_every: int = Field(100, ge=1)
+    eval_items: int = Field(32, ge=1, description="val items for the answer loss")
+    optim: AlignOptim = AlignOptim()
+    deepspeed: Path | None = Field(None, description="DeepSpeed JSON, ZeRO 0-2 (ZeRO-3 not supported here yet)")
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    seed: int = 0

@@ -6,9 +6,9 @@ Prompt (the folder's prompt format, `brain.json` `prompt_format`): `plain` (stag
 first, each a whole `scan question answer eos` block, then the scan asked about.
 
 Classification: every answer option is scored by its log-likelihood given the prompt, summed over the option's
-tokens and the end-of-sequence token (so an option is a whole answer, not the prefix of a longer one), over the
-whole vocabulary; the options' probabilities are the softmax of those sums. Accuracy, balanced accuracy, AUC, F1
-and calibration all come from the same probabilities.
+tokens and what closes an answer (eos; in `chat` the template's end of an assistant turn), so an option is a whole
+answer, not the prefix of a longer one; over the whole vocabulary; the options' probabilities are the softmax of
+those sums. Accuracy, balanced accuracy, AUC, F1 and calibration all come from the same probabilities.
 
 Regression: constrained numeric decoding. The first token must be numeric (digits, a point, optionally a leading
 space); after it the model continues with the best numeric token, or stops where a non-numeric token (eos, " years")
@@ -37,15 +37,26 @@ NUMBER = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
 
 def question_ids(tokenizer, question: str, prompt_format: str = "plain") -> list[int]:
     """The token ids between `<|scan_end|>` and the answer."""
-    if prompt_format == "chat":
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question.strip()}],
-                                            add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    if prompt_format == "chat":  # rendered, then tokenized as `llm_train.instruct.ChatFormat` does in training
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question.strip()}],
+                                             add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(question.strip() + "\n", add_special_tokens=False)["input_ids"]
 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
     return tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+
+def answer_end_ids(tokenizer, prompt_format: str = "plain") -> list[int]:
+    """What closes an answer: eos in the plain format, the chat template's end of an assistant turn in `chat`."""
+    if prompt_format != "chat":
+        return [tokenizer.eos_token_id]
+    mark = "ANSWER-END-MARK"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
+                                         tokenize=False)
+    ids = tokenizer(text[text.rindex(mark) + len(mark):], add_special_tokens=False)["input_ids"]
+    return ids or [tokenizer.eos_token_id]
 
 
 @dataclass
@@ -59,7 +70,7 @@ class Shot:
 
 def shot_text(tokenizer, question: str, answer: str, prompt_format: str = "plain") -> list[int]:
     return question_ids(tokenizer, question, prompt_format) + answer_ids(tokenizer, answer) + \
-        [tokenizer.eos_token_id]
+        answer_end_ids(tokenizer, prompt_format)
 
 
 def prompt_length(model: AlignModel, shots: list[Shot], question: list[int], answer: int = 0) -> int:
@@ -147,7 +158,8 @@ def option_probabilities(model: AlignModel, tokenizer, scans: dict, question: st
                          shots: list[Shot] = (), prompt_format: str = "plain") -> np.ndarray:
     """[B, C] probabilities of the options (softmax of their summed log-likelihoods)."""
     q = question_ids(tokenizer, question, prompt_format)
-    opts = [answer_ids(tokenizer, o) + [tokenizer.eos_token_id] for o in options]
+    end = answer_end_ids(tokenizer, prompt_format)
+    opts = [answer_ids(tokenizer, o) + end for o in options]
     return torch.softmax(option_loglik(model, scans, q, opts, shots).double(), dim=1).numpy()
 
 

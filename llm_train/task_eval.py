@@ -172,6 +172,8 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
                        "n_test": len(test_keys)}
         if classification:
             entry["options"] = list(task.options)
+        if "instruct" in meta:  # zero-shot in the paper's sense only for an attribute left out of the tuning mix
+            entry["in_tuning_mix"] = task.attribute not in meta["instruct"].get("exclude_attributes", [])
         preds: dict = {"keys": test_keys, "y": y_test.tolist()}
         q = question_ids(tokenizer, task.question, fmt)
         longest = (max(len(answer_ids(tokenizer, o)) for o in task.options) + 1 if classification else 4)

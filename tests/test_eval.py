@@ -358,3 +358,67 @@ def test_eval_command_prints_the_table_and_refuses_bad_input_in_one_line(corpus,
 
     done = _fmrilm(*base, "--out", str(tmp_path / "E4"), "--tasks", "iq")
     assert done.exit_code == 2 and "unknown task" in done.output
+
+
+# ---- stage 3: instruction tuning --------------------------------------------------------------------------
+
+
+def test_chat_format_labels_the_assistant_turns_only(model_dir):
+    from transformers import AutoTokenizer
+
+    from llm_train.instruct import ChatFormat
+    from llm_train.model import IGNORE
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    turns = [{"role": "user", "content": "the brain"}, {"role": "assistant", "content": "default network"},
+             {"role": "user", "content": "is"}, {"role": "assistant", "content": "visual"}]
+    ids, labels = ChatFormat(tokenizer).encode(turns)
+    assert len(ids) == len(labels)
+    learnt = [t for t, lab in zip(ids, labels) if lab != IGNORE]
+    assert [lab for lab in labels if lab != IGNORE] == learnt
+    end = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "X"}],
+                                        tokenize=False).split("X", 1)[1]
+    expected = [tokenizer(a + end, add_special_tokens=False)["input_ids"] for a in ("default network", "visual")]
+    assert learnt == expected[0] + expected[1]
+    whole = tokenizer(tokenizer.apply_chat_template(turns, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ids == whole  # the turn-by-turn pieces are the whole conversation
+
+
+def test_instruct_trains_saves_a_stock_folder_and_eval_reads_it_in_chat_format(corpus, model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_train.config import InstructConfig
+    from llm_train.instruct import InstructInputs
+    from llm_train.instruct import train as train_instruct
+    from llm_train.task_eval import evaluate_tasks
+
+    cfg = InstructConfig.model_validate({"steps": 4, "batch_size": 2, "checkpoint_every": 2, "eval_every": 4,
+                                         "eval_items": 4, "max_tokens": 48, "exclude_attributes": ["sex"],
+                                         "optim": {"lr": 3e-3, "warmup_steps": 1}})
+    out = tmp_path / "llm3"
+    metrics = train_instruct(cfg, InstructInputs(model_dir, corpus, out), LocalRuntime(out / "checkpoints"))
+    assert np.isfinite(metrics["val/answer_loss"]) and np.isfinite(metrics["val/answer_loss_before"])
+    meta = json.loads((out / "brain.json").read_text())
+    assert (meta["stage"], meta["prompt_format"], meta["lora"]) == ("instruct", "chat", False)
+    assert meta["instruct"]["exclude_attributes"] == ["sex"]
+    AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|brain_3|>") == meta["vocab"]["first_id"] + 3
+    # a resumed run at its end trains nothing and saves the same folder
+    again = train_instruct(cfg, InstructInputs(model_dir, corpus, out), LocalRuntime(out / "checkpoints"))
+    assert again["val/answer_loss"] == pytest.approx(metrics["val/answer_loss"], rel=1e-5)
+
+    got = evaluate_tasks(out, corpus, tmp_path / "E", tasks=["sex"], shots=(0, 1), examples=1, max_new_tokens=4,
+                         max_test=4, report=False, device="cpu")
+    assert {"zero_shot", "k_shot_1", "fc_baseline"} <= set(got["sex"])
+    assert got["sex"]["in_tuning_mix"] is False  # left out of the mix: zero-shot in the paper's sense
+
+    # LoRA through the command (adapters merged on save: a plain AutoModelForCausalLM folder)
+    done = _fmrilm("llm", "instruct", "--model", str(model_dir), "--corpus", str(corpus), "--out",
+                   str(tmp_path / "llm3_lora"), "--lora", "--set", f"workdir={tmp_path / 'w'}",
+                   "--set", "instruct.steps=2", "--set", "instruct.checkpoint_every=2",
+                   "--set", "instruct.eval_items=2", "--set", "instruct.max_tokens=32",
+                   "--set", "instruct.lora.r=2", "--set", "instruct.lora.alpha=4")
+    assert done.exit_code == 0, done.output
+    assert "answer_loss" in done.output
+    assert not (tmp_path / "llm3_lora" / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "llm3_lora")

@@ -1,0 +1,227 @@
+"""Stage 3, instruction tuning (`fmrilm llm instruct`): a stage-2 model folder learns to answer the corpus's
+instruction items (`qa.json`: single-turn QA, multi-turn, multi-target, open-ended descriptions).
+
+    <|scan_start|> scan <|scan_end|> chat(turns)        loss on the assistant turns only
+
+The conversation is rendered with the backbone's chat template (the stage-2 folder always has one), segment by
+segment: each user turn up to and including the assistant header is context, each assistant turn (its text and the
+template's end-of-turn) is target. The loss is stage 2's F2T loss (`AlignModel.f2t_loss`: scan, then a suffix
+whose labels mark what is learnt), so the model, the DeepSpeed engine, checkpoints and resume are stage 2's.
+
+Full or LoRA: a LoRA stage-2 folder is merged into its base first; with `lora.enabled` fresh adapters (and the
+brain rows, as in stage 2) are trained and merged again before saving, so the stage-3 folder is a plain
+`AutoModelForCausalLM` folder. ZeRO-3 is not supported here yet (refused); ZeRO 0-2 are.
+Attributes in `exclude_attributes` are left out of the tuning mix (the zero-shot protocol of `fmrilm eval`).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from corpus_builder.readers import open_zarr, read_instructions
+from fmrilm_core.checkpoint import config_fingerprint, load_checkpoint, resume_point, save_checkpoint
+from fmrilm_core.engine import build_engine, deepspeed_config, init_distributed, lr_lambda
+from fmrilm_core.errors import InputError
+from fmrilm_core.runtime import Runtime
+from llm_train.config import InstructConfig
+from llm_train.data import encode_scans
+from llm_train.export import load_aligned, save_aligned
+from llm_train.model import IGNORE, AlignModel
+
+NOT_FINGERPRINTED = {"steps", "checkpoint_every", "eval_every", "eval_items"}
+
+
+@dataclass(frozen=True)
+class InstructInputs:
+    model: Path    # the stage-2 folder
+    corpus: Path
+    out: Path
+
+
+class ChatFormat:
+    """Turns -> (ids, labels): user turns and assistant headers are context (IGNORE), assistant turns targets."""
+
+    def __init__(self, tokenizer):
+        if tokenizer.chat_template is None:
+            raise InputError("the model folder's tokenizer has no chat template")
+        self.tokenizer = tokenizer
+
+    def _render(self, turns: list[dict], generation: bool) -> str:
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation)
+
+    def encode(self, turns: list[dict]) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        done = ""
+        for k, turn in enumerate(turns):
+            if turn["role"] == "user":
+                text = self._render(turns[: k + 1], True)
+                target = False
+            else:
+                text = self._render(turns[: k + 1], False)
+                target = True
+            if not text.startswith(done):
+                raise InputError("the chat template is not prefix-stable: a conversation cannot be split into turns")
+            piece = self.tokenizer(text[len(done):], add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if target else [IGNORE] * len(piece)
+            done = text
+        return ids, labels
+
+
+def _excluded(item: dict, exclude: set[str]) -> bool:
+    attrs = item["attribute"] if isinstance(item["attribute"], list) else [item["attribute"]]
+    return any(a in exclude for a in attrs)
+
+
+class InstructBatches:
+    """(scan key, turns) pairs of a split; batch `step` of rank `r` depends only on (seed, step, rank)."""
+
+    def __init__(self, corpus: Path, split: str, brain_tokenizer, chat: ChatFormat, cfg: InstructConfig,
+                 features: bool, rank: int = 0, world_size: int = 1):
+        items = read_instructions(corpus, split)
+        exclude = set(cfg.exclude_attributes)
+        self.examples = [(key, item["turns"]) for key in sorted(items) for item in items[key]
+                         if item["type"] in cfg.types and not _excluded(item, exclude)]
+        if not self.examples:
+            raise InputError(f"{corpus}: no instruction items of types {cfg.types} in the {split} split "
+                             f"(excluding {sorted(exclude)})")
+        self.zarr = open_zarr(corpus)
+        self.brain_tokenizer, self.chat, self.cfg, self.features = brain_tokenizer, chat, cfg, features
+        self.rank, self.world_size = rank, world_size
+        self.order = np.random.default_rng([cfg.seed, 11]).permutation(len(self.examples))
+        self.pad = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else \
+            chat.tokenizer.eos_token_id
+
+    def rows(self, picks: list[int]) -> dict[str, torch.Tensor]:
+        keys = [self.examples[p][0] for p in picks]
+        x = torch.from_numpy(np.asarray(self.zarr.batch(keys), np.float32))
+        out = encode_scans(self.brain_tokenizer, x, self.features)
+        encoded = [self.chat.encode(self.examples[p][1]) for p in picks]
+        encoded = [(i[: self.cfg.max_tokens], lab[: self.cfg.max_tokens]) for i, lab in encoded]
+        longest = max(len(i) for i, _ in encoded)
+        out["suffix_ids"] = torch.full((len(picks), longest), self.pad, dtype=torch.long)
+        out["suffix_labels"] = torch.full((len(picks), longest), IGNORE, dtype=torch.long)
+        out["suffix_mask"] = torch.zeros(len(picks), longest, dtype=torch.long)
+        for r, (ids, labels) in enumerate(encoded):
+            out["suffix_ids"][r, : len(ids)] = torch.tensor(ids)
+            out["suffix_labels"][r, : len(ids)] = torch.tensor(labels)
+            out["suffix_mask"][r, : len(ids)] = 1
+        return out
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        b = self.cfg.batch_size
+        start = (step * self.world_size + self.rank) * b
+        return self.rows([int(self.order[(start + i) % len(self.examples)]) for i in range(b)])
+
+
+def _merged(backbone):
+    return backbone.merge_and_unload() if hasattr(backbone, "peft_config") else backbone
+
+
+def prepare_model(cfg: InstructConfig, model: AlignModel, n_tokens: int) -> AlignModel:
+    """The stage-2 model made trainable for stage 3: a LoRA folder merged; fresh LoRA (+ brain rows) or all weights."""
+    from llm_train.train import _with_lora
+
+    backbone = _merged(model.backbone)
+    v = model.vocab
+    n_text = min(v.scan_start, v.scan_end, v.first_id)
+    if cfg.lora.enabled:
+        backbone = _with_lora(types.SimpleNamespace(lora=cfg.lora), backbone, v, n_text, n_tokens)
+    else:
+        backbone.requires_grad_(True)
+    backbone.config.use_cache = False
+    model.backbone = backbone
+    model.weights = {"f2f": 0.0, "f2t": 1.0, "t2t": 0.0}
+    return model.train()
+
+
+@torch.no_grad()
+def answer_loss(model: AlignModel, batches: list[dict], device) -> float:
+    was = model.training
+    model.eval()
+    total = [float(model.f2t_loss({k: v.to(device) for k, v in b.items()})) for b in batches]
+    model.train(was)
+    return float(np.mean(total))
+
+
+def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict:
+    """Instruction-tune the stage-2 folder `inputs.model` on `inputs.corpus`'s train items; save into `inputs.out`.
+    Returns the final val answer loss (and the one before training)."""
+    from llm_train.task_eval import check_atlas
+
+    model_dir, corpus, out = Path(inputs.model), Path(inputs.corpus), Path(inputs.out)
+    meta = check_atlas(model_dir, corpus)
+    fingerprint = config_fingerprint(cfg, NOT_FINGERPRINTED)
+    latest = resume_point(runtime, fingerprint)
+    ds_config = deepspeed_config(cfg.deepspeed, micro_batch=cfg.batch_size, grad_clip=cfg.optim.grad_clip,
+                                 lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
+                                 precision=cfg.precision)
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+        raise InputError("llm instruct: ZeRO-3 is not supported yet; use a ZeRO-0/1/2 DeepSpeed config")
+    init_distributed()
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    model, tokenizer, brain_tokenizer, meta = load_aligned(model_dir, "cpu", dtype)
+    brain_tokenizer.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    model = prepare_model(cfg, model, len(tokenizer))
+    chat = ChatFormat(tokenizer)
+    features = meta["input_mode"] == "features"
+    train_data = InstructBatches(corpus, "train", brain_tokenizer, chat, cfg, features, runtime.rank,
+                                 runtime.world_size)
+    val_data = InstructBatches(corpus, "val", brain_tokenizer, chat, cfg.model_copy(update={"batch_size": 4}),
+                               features)
+    picks = list(range(min(cfg.eval_items, len(val_data.examples))))
+    val_batches = [val_data.rows(picks[i:i + 4]) for i in range(0, len(picks), 4)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lr_fn = lr_lambda(warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.steps, schedule=cfg.optim.schedule,
+                      min_lr_ratio=cfg.optim.min_lr_ratio)
+    engine, _ = build_engine(model, [{"params": trainable}], ds_config, lr_fn)
+    start, state = 0, {}
+    if latest is not None:
+        state = load_checkpoint(engine, latest)
+        start = state["step"]
+    before = state.get("answer_loss_before")
+    if before is None:
+        before = answer_loss(engine.module, val_batches, engine.device)
+        runtime.log({"val/answer_loss_before": before}, 0)
+    metrics: dict[str, float] = {}
+    losses: dict[str, torch.Tensor] = {}
+    with runtime.progress("instruct: steps", cfg.steps, start) as progress:
+        for step in range(start, cfg.steps):
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + runtime.rank)
+            batch = {k: v.to(engine.device) for k, v in train_data.batch(step).items()}
+            engine.train()
+            losses = engine(batch)
+            engine.backward(losses["loss"])
+            engine.step()
+            losses = {k: v.detach() for k, v in losses.items()}
+            if step % 10 == 0 or step + 1 == cfg.steps:
+                runtime.log({"train/answer_loss": float(losses["loss"]), "train/lr": engine.get_lr()[0]}, step)
+            done = step + 1
+            progress.update(done, loss=losses["loss"])
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                metrics = {"val/answer_loss": answer_loss(engine.module, val_batches, engine.device),
+                           "val/answer_loss_before": before}
+                runtime.log(metrics, step)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                save_checkpoint(engine, runtime, done, fingerprint, metrics, extra={"answer_loss_before": before})
+    if not metrics:
+        metrics = {"val/answer_loss": answer_loss(engine.module, val_batches, engine.device),
+                   "val/answer_loss_before": before}
+    final = engine.module
+    final.backbone = _merged(final.backbone)
+    shim = types.SimpleNamespace(base=meta.get("base"), prompt=meta.get("prompt"))
+    save_aligned(final, tokenizer, shim, brain_tokenizer, model_dir / meta["brain_tokenizer"], corpus, out,
+                 runtime.rank, stage="instruct",
+                 extra={"prompt_format": "chat", "lora": False, "aligned_from": str(model_dir.resolve()),
+                        "instruct": {"types": list(cfg.types), "exclude_attributes": list(cfg.exclude_attributes),
+                                     "lora": cfg.lora.enabled, "steps": cfg.steps}})
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return metrics
