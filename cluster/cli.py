@@ -283,6 +283,9 @@ def eval_cmd(
              "corpus lacks are skipped and reported)")] = None,
     shots: Annotated[str, typer.Option(help="in-context examples per prompt, comma-separated (0 = zero-shot); "
                                             "examples come from train subjects only")] = "0",
+    train_n: Annotated[str, typer.Option(
+        help="few-shot fine-tuning: for each N (comma-separated), tune on N class-balanced train subjects per task "
+             "(config section instruct: steps, LoRA) and score it as train_n_N")] = "",
     max_test: Annotated[int | None, typer.Option(help="score at most this many test scans per task")] = None,
     examples: Annotated[int, typer.Option(help="test scans described in the report")] = 4,
     config: ConfigOpt = None,
@@ -297,11 +300,12 @@ def eval_cmd(
     cfg = _load(config, set_)
     try:
         counts = tuple(int(k) for k in shots.split(",") if k.strip())
+        tune_n = tuple(int(n) for n in train_n.split(",") if n.strip())
     except ValueError:
-        _fail(f"--shots {shots!r}: expected comma-separated integers such as 0,2")
+        _fail(f"--shots {shots!r} / --train-n {train_n!r}: expected comma-separated integers such as 0,2")
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     result = _guard(run_eval, cfg, model, corpus, out, tracker_for(cfg, cfg.workdir), tasks=names, shots=counts,
-                    max_test=max_test, examples=examples)
+                    max_test=max_test, examples=examples, train_n=tune_n)
     import json
 
     typer.echo(metrics_table(json.loads((out / "metrics.json").read_text())))

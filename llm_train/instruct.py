@@ -16,6 +16,8 @@ Attributes in `exclude_attributes` are left out of the tuning mix (the zero-shot
 
 from __future__ import annotations
 
+import hashlib
+import json
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ class InstructInputs:
     model: Path    # the stage-2 folder
     corpus: Path
     out: Path
+    items: tuple | None = None  # ((train scan key, turns), ...) to learn instead of the corpus's qa.json (train_n)
 
 
 class ChatFormat:
@@ -83,11 +86,14 @@ class InstructBatches:
     """(scan key, turns) pairs of a split; batch `step` of rank `r` depends only on (seed, step, rank)."""
 
     def __init__(self, corpus: Path, split: str, brain_tokenizer, chat: ChatFormat, cfg: InstructConfig,
-                 features: bool, rank: int = 0, world_size: int = 1):
-        items = read_instructions(corpus, split)
+                 features: bool, rank: int = 0, world_size: int = 1, examples: tuple | None = None):
         exclude = set(cfg.exclude_attributes)
-        self.examples = [(key, item["turns"]) for key in sorted(items) for item in items[key]
-                         if item["type"] in cfg.types and not _excluded(item, exclude)]
+        if examples is not None:  # given (key, turns) pairs, e.g. the N subjects of few-shot fine-tuning
+            self.examples = [(key, list(turns)) for key, turns in examples]
+        else:
+            items = read_instructions(corpus, split)
+            self.examples = [(key, item["turns"]) for key in sorted(items) for item in items[key]
+                             if item["type"] in cfg.types and not _excluded(item, exclude)]
         if not self.examples:
             raise InputError(f"{corpus}: no instruction items of types {cfg.types} in the {split} split "
                              f"(excluding {sorted(exclude)})")
@@ -158,6 +164,9 @@ def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict
     model_dir, corpus, out = Path(inputs.model), Path(inputs.corpus), Path(inputs.out)
     meta = check_atlas(model_dir, corpus)
     fingerprint = config_fingerprint(cfg, NOT_FINGERPRINTED)
+    if inputs.items is not None:  # another training set is another run: never resume one from the other
+        digest = hashlib.sha256(json.dumps(inputs.items, sort_keys=True).encode()).hexdigest()[:16]
+        fingerprint = f"{fingerprint}-{digest}"
     latest = resume_point(runtime, fingerprint)
     ds_config = deepspeed_config(cfg.deepspeed, micro_batch=cfg.batch_size, grad_clip=cfg.optim.grad_clip,
                                  lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
@@ -173,7 +182,7 @@ def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict
     chat = ChatFormat(tokenizer)
     features = meta["input_mode"] == "features"
     train_data = InstructBatches(corpus, "train", brain_tokenizer, chat, cfg, features, runtime.rank,
-                                 runtime.world_size)
+                                 runtime.world_size, examples=inputs.items)
     val_data = InstructBatches(corpus, "val", brain_tokenizer, chat, cfg.model_copy(update={"batch_size": 4}),
                                features)
     picks = list(range(min(cfg.eval_items, len(val_data.examples))))

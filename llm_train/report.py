@@ -124,10 +124,10 @@ def render(metrics: dict, predictions: dict, descriptions: list[dict], info: dic
                                      "test_subjects", "test_scans")}
     parts.append('<table id="run">' + "".join(f'<tr><th class="l">{html.escape(k)}</th><td class="l">'
                                              f"{html.escape(str(v))}</td></tr>" for k, v in run.items()) + "</table>")
-    parts.append('<p class="note">Every figure is on the test split. Protocols: zero_shot (no examples), k_shot_k '
-                 "(k train-split examples in context). fc_baseline: Fisher-z FC + logistic / ridge regression; "
-                 "tokenizer_probe: linear probe on the frozen stage-1 features; both with the regularisation "
-                 "chosen by CV on the train split.</p>")
+    parts.append('<p class="note">Every figure is on the test split. Protocols: zero_shot (no examples), '
+                 "k_shot_k (k train-split examples in context), train_n_n (fine-tuned on n train subjects). "
+                 "fc_baseline: Fisher-z FC + logistic / ridge regression; tokenizer_probe: linear probe on the "
+                 "frozen stage-1 features; both with the regularisation chosen by CV on the train split.</p>")
     skipped = {k: v["skipped"] for k, v in metrics.items() if "skipped" in v}
     for name, entry in metrics.items():
         if name in skipped:

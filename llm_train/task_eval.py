@@ -3,16 +3,21 @@
     metrics = evaluate_tasks(model_dir, corpus, out, tasks=None, shots=(0, 2))
 
 Writes (DESIGN 3.8):
-    OUT/metrics.json      task -> protocol (`zero_shot`, `k_shot_<k>`) -> metric, and beside them `fc_baseline` and
-                          `tokenizer_probe` on the same test scans; a skipped task is {"skipped": reason}
+    OUT/metrics.json      task -> protocol (`zero_shot`, `k_shot_<k>`, `train_n_<n>`) -> metric, and beside them
+                          `fc_baseline` and `tokenizer_probe` on the same test scans; a skipped task is
+                          {"skipped": reason}
     OUT/predictions.json  every test scan's label and prediction per task and protocol (what the figures show)
-    OUT/eval.json         the run: model, corpus, atlas, shots asked, the train scans used as examples per task and k
+    OUT/eval.json         the run: model, corpus, atlas, shots asked, the train scans used as examples per task and k,
+                          and the fine-tuning sets of `train_n`
+    OUT/train_n/          the folders fine-tuned for `train_n_<n>`
     OUT/report.html       self-contained report (`llm_train.report`)
 
 Protocols built here: `zero_shot` (no examples: with a stage-2 folder this is the aligned model asked directly) and
 `k_shot_<k>` (k examples in context, drawn from the TRAIN split only, class-balanced for a classification; the test
-scan's subject can never be among them, and a draw that would hold a test subject raises). Not built yet: the
-`train_n_<n>` (fine-tuning on N subjects) and `tuned` protocols, which need `fmrilm llm instruct`.
+scan's subject can never be among them, and a draw that would hold a test subject raises), and `train_n_<n>` (the
+paper's few-shot: the folder instruction-tuned on the task's question for n class-balanced train subjects, one scan
+each, drawn like the in-context examples, then asked with no examples). Not built: a `tuned` protocol (a stage-3
+folder of `fmrilm llm instruct` is scored as zero-shot / k-shot; `in_tuning_mix` says whether its task was tuned).
 
 Everything is scored on the scans of the test split (subject-level splits: no test subject has a train scan).
 """
@@ -134,12 +139,45 @@ class ScanCache:
         return {name: torch.stack([self.encoded[k][name] for k in keys]) for name in self.encoded[keys[0]]}
 
 
+def score_task(model, tokenizer, fmt: str, data: TaskData, test_keys: list[str], y_test: np.ndarray,
+               cache: ScanCache, examples: list[Shot], batch_size: int, device) -> tuple[dict, dict]:
+    """(metrics, {'' : predictions[, '_text': generated numbers]}) of one model on one task's test scans."""
+    task = data.task
+    batches = [_to(cache.scans(test_keys[i:i + batch_size]), device) for i in range(0, len(test_keys), batch_size)]
+    if task.kind == "classification":
+        probs = np.concatenate([option_probabilities(model, tokenizer, b, task.question, list(task.options),
+                                                     examples, fmt) for b in batches])
+        return classification_metrics(y_test, probs), {"": probs[:, 1].tolist()}
+    numeric = numeric_token_ids(tokenizer)
+    texts = [t for b in batches for t in decode_numbers(model, tokenizer, b, task.question, examples, fmt,
+                                                        numeric=numeric)]
+    values = [parse_number(t) for t in texts]
+    return regression_metrics(y_test, values), {"": values, "_text": texts}
+
+
+def fine_tune_on(model_dir: Path, corpus: Path, out: Path, data: TaskData, keys: list[str], cfg, fmt: str) -> Path:
+    """The paper's few-shot protocol: instruction-tune the folder on the task's question for the N train scans
+    `keys` only (`llm_train.instruct`, in-process), into `out`."""
+    from fmrilm_core.runtime import LocalRuntime
+    from llm_train.config import InstructConfig
+    from llm_train.instruct import InstructInputs
+    from llm_train.instruct import train as train_instruct
+
+    cfg = cfg if cfg is not None else InstructConfig(steps=20, checkpoint_every=20, eval_every=20, eval_items=4)
+    items = tuple((key, ({"role": "user", "content": data.task.question},
+                         {"role": "assistant", "content": answer_text(data, data.train[key])})) for key in keys)
+    train_instruct(cfg, InstructInputs(model_dir, corpus, out, items=items), LocalRuntime(out / "checkpoints"))
+    return out
+
+
 def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str] | None = None,
                    shots: tuple[int, ...] = (0,), seed: int = 0, max_test: int | None = None, batch_size: int = 8,
                    examples: int = 4, max_new_tokens: int = 96, device: str | None = None,
-                   report: bool = True) -> dict:
+                   report: bool = True, train_n: tuple[int, ...] = (), instruct_cfg=None) -> dict:
     """Score the model folder and the baselines on the test split; write OUT (see the module doc); return the
-    metrics. `max_test` caps the test scans per task (a seeded subset, for quick runs)."""
+    metrics. `max_test` caps the test scans per task (a seeded subset, for quick runs). `train_n`: for each N, the
+    folder fine-tuned on N class-balanced train subjects (one scan each) with `instruct_cfg` (an InstructConfig;
+    None = 20 steps), scored zero-shot as `train_n_<N>`; the tuned folders land in OUT/train_n/."""
     model_dir, corpus, out = Path(model_dir), Path(corpus), Path(out)
     shots = tuple(sorted(set(int(k) for k in shots)))
     if any(k < 0 for k in shots):
@@ -157,10 +195,13 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
     fmt = meta.get("prompt_format", "plain")
     cache = ScanCache(corpus, brain_tokenizer, meta["input_mode"] == "features")
     test_subjects = set(test_pheno["subject"])
-    numeric = None
     metrics: dict[str, dict] = {}
     predictions: dict[str, dict] = {}
     used_shots: dict[str, dict] = {}
+    used_train_n: dict[str, dict] = {}
+    train_n = tuple(sorted(set(int(n) for n in train_n)))
+    if any(n < 1 for n in train_n):
+        raise InputError(f"--train-n: counts must be >= 1, got {list(train_n)}")
     for data in runnable:
         task = data.task
         test_keys = sorted(data.test.index)
@@ -185,23 +226,20 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
                           for key in chosen]
             check_context(model, examples_k, q, longest)
             name = protocol_name(k)
-            if classification:
-                probs = np.concatenate([
-                    option_probabilities(model, tokenizer, _to(cache.scans(test_keys[i:i + batch_size]), device),
-                                         task.question, list(task.options), examples_k, fmt)
-                    for i in range(0, len(test_keys), batch_size)])
-                entry[name] = classification_metrics(y_test, probs)
-                preds[name] = probs[:, 1].tolist()
-            else:
-                numeric = numeric if numeric is not None else numeric_token_ids(tokenizer)
-                texts = []
-                for i in range(0, len(test_keys), batch_size):
-                    texts += decode_numbers(model, tokenizer, _to(cache.scans(test_keys[i:i + batch_size]), device),
-                                            task.question, examples_k, fmt, numeric=numeric)
-                values = [parse_number(t) for t in texts]
-                entry[name] = regression_metrics(y_test, values)
-                preds[name] = values
-                preds[name + "_text"] = texts
+            entry[name], preds_k = score_task(model, tokenizer, fmt, data, test_keys, y_test, cache, examples_k,
+                                              batch_size, device)
+            preds.update({name + suffix: v for suffix, v in preds_k.items()})
+        for n in train_n:
+            chosen = choose_shots(data, train_pheno, test_subjects, n, seed)
+            used_train_n.setdefault(task.name, {})[str(n)] = chosen
+            tuned_dir = fine_tune_on(model_dir, corpus, out / "train_n" / f"{task.name}_{n}", data, chosen,
+                                     instruct_cfg, fmt)
+            tuned, tuned_tok, _, tuned_meta = load_aligned(tuned_dir, device)
+            name = f"train_n_{n}"
+            entry[name], preds_n = score_task(tuned, tuned_tok, tuned_meta.get("prompt_format", "plain"), data,
+                                              test_keys, y_test, cache, [], batch_size, device)
+            preds.update({name + suffix: v for suffix, v in preds_n.items()})
+            del tuned
         train_keys = sorted(data.train.index)
         groups = train_pheno.loc[train_keys, "subject"].astype(str).to_numpy()
         y_train = data.train[train_keys].to_numpy()
@@ -222,6 +260,7 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
     info = {"model": str(model_dir.resolve()), "corpus": str(corpus), "stage": meta.get("stage"),
             "atlas": meta.get("atlas"), "shots": list(shots), "seed": seed, "max_test": max_test,
             "prompt_format": fmt, "in_context_examples": used_shots,
+            "train_n": list(train_n), "fine_tuning_sets": used_train_n,
             "test_subjects": len(test_subjects), "test_scans": len(test_pheno)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default) + "\n")
