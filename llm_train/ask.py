@@ -36,6 +36,10 @@ class BrainReader:
                 raise InputError("the scan's ROI labels are not the atlas the model was trained on")
 
     def prompt_ids(self, question: str) -> list[int]:
+        if self.meta.get("prompt_format") == "chat":  # a stage-3 folder: asked in the chat template it learnt
+            from llm_train.scoring import question_ids
+
+            return question_ids(self.tokenizer, question, "chat")
         return self.tokenizer(question.strip() + "\n", add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()

@@ -75,13 +75,14 @@ def classification_figures(name: str, entry: dict, preds: dict) -> list[tuple[st
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{name}: ROC (test split)")
     ax.legend(fontsize=8)
     figures.append((f"{name} ROC curves", _png(fig)))
-    fig, axes = plt.subplots(1, len(protocols), figsize=(3.2 * len(protocols), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(protocols), figsize=(3.4 * len(protocols), 3.2), squeeze=False,
+                             constrained_layout=True)
     options = entry.get("options", ["0", "1"])
     for ax, p in zip(axes[0], protocols):
         cm = confusion_matrix(y, (np.asarray(preds[p]) > 0.5).astype(int), labels=[0, 1])
         ax.imshow(cm, cmap="Blues")
         for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", color="black")
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=options, yticklabels=options, xlabel="predicted",
                ylabel="true", title=p)
         ax.tick_params(labelsize=7)

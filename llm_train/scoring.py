@@ -165,9 +165,14 @@ def option_probabilities(model: AlignModel, tokenizer, scans: dict, question: st
 
 # ---- regression ---------------------------------------------------------------------------------------------
 
+_NUMERIC: dict[int, tuple] = {}  # id(tokenizer) -> (first, more, the tokenizer itself: ids can be reused)
+
+
 def numeric_token_ids(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids of tokens that may start a number: digits / point with an optional leading space, ids that may continue
-    one: digits / point only)."""
+    one: digits / point only); computed once per tokenizer object (a pass over the vocabulary)."""
+    if id(tokenizer) in _NUMERIC and _NUMERIC[id(tokenizer)][2] is tokenizer:
+        return _NUMERIC[id(tokenizer)][:2]
     first, more = [], []
     for i in range(len(tokenizer)):
         text = tokenizer.decode([i])
@@ -176,7 +181,9 @@ def numeric_token_ids(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
             more.append(i)
         elif text and re.fullmatch(r" [0-9.]+", text):
             first.append(i)
-    return torch.tensor(first, dtype=torch.long), torch.tensor(more, dtype=torch.long)
+    found = torch.tensor(first, dtype=torch.long), torch.tensor(more, dtype=torch.long)
+    _NUMERIC[id(tokenizer)] = (*found, tokenizer)
+    return found
 
 
 @torch.no_grad()

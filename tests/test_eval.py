@@ -412,6 +412,17 @@ def test_instruct_trains_saves_a_stock_folder_and_eval_reads_it_in_chat_format(c
     assert {"zero_shot", "k_shot_1", "fc_baseline"} <= set(got["sex"])
     assert got["sex"]["in_tuning_mix"] is False  # left out of the mix: zero-shot in the paper's sense
 
+    # `fmrilm ask` asks a stage-3 folder in its chat template (a stage-2 folder stays plain)
+    from corpus_builder.readers import open_zarr
+    from llm_train.ask import BrainReader
+    from llm_train.scoring import question_ids
+
+    reader = BrainReader(out)
+    assert reader.prompt_ids("Sex?") == question_ids(reader.tokenizer, "Sex?", "chat")
+    assert isinstance(reader.ask(open_zarr(corpus)[split_keys(corpus, "test")[0]], "Sex?", 3), str)
+    plain = BrainReader(model_dir)
+    assert plain.prompt_ids("Sex?") == plain.tokenizer("Sex?\n", add_special_tokens=False)["input_ids"]
+
     # LoRA through the command (adapters merged on save: a plain AutoModelForCausalLM folder)
     done = _fmrilm("llm", "instruct", "--model", str(model_dir), "--corpus", str(corpus), "--out",
                    str(tmp_path / "llm3_lora"), "--lora", "--set", f"workdir={tmp_path / 'w'}",
