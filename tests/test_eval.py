@@ -164,6 +164,26 @@ def test_option_scoring_equals_a_hand_computation(corpus, model_dir):
         np.testing.assert_allclose(probs, torch.softmax(got.double(), 1).numpy(), atol=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["sequential", "per_step"])
+def test_a_zero_shot_sequence_is_stage_twos_scan_sequence(corpus, model_dir, mode):
+    """With no examples the prompt is exactly what stage 2 trained F2T on: same embeddings, same position ids."""
+    from corpus_builder.readers import open_zarr
+    from llm_train.data import encode_scans
+    from llm_train.export import load_aligned
+    from llm_train.scoring import question_ids, sequence
+
+    model, tokenizer, brain, _ = load_aligned(model_dir)
+    model.position_mode = mode
+    x = torch.from_numpy(open_zarr(corpus).batch(split_keys(corpus, "test")[:2]).astype(np.float32))
+    scans = encode_scans(brain, x, False)
+    q = question_ids(tokenizer, "the brain is")
+    with torch.no_grad():
+        embeds, pos = sequence(model, [], scans, q)
+        ref, n_suffix = model.scan_sequence(scans, torch.tensor(q)[None].expand(2, -1))
+    torch.testing.assert_close(embeds, ref)
+    assert torch.equal(pos, model.positions(2, n_suffix, "cpu"))
+
+
 def test_calibration_matches_scikit_learn():
     from sklearn.calibration import calibration_curve
 
