@@ -334,7 +334,44 @@ def test_report_is_self_contained_and_holds_every_table_and_figure(evaluated):
         assert img["src"].startswith("data:image/png;base64,")
         assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert page.links == []
-    assert "http" not in (out / "report.html").read_text()
+    import re
+
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", (out / "report.html").read_text())
+    assert "http" not in text and "<link" not in text and "@import" not in text  # nothing fetched
+
+
+CHROMIUM_HINT = ("headless Chromium is not installed: `apt-get install chromium` (Debian's package) to render the "
+                 "report in this test")
+
+
+@pytest.mark.slow
+def test_report_renders_offline_in_headless_chromium_with_every_image_loaded(evaluated, tmp_path):
+    import re
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip(CHROMIUM_HINT)
+    out, _ = evaluated
+    page = (out / "report.html").read_text()
+    probe = ("<script>window.addEventListener('load', () => { const seen = Array.from(document.images).map("
+             "i => (i.complete && i.naturalWidth > 0) ? '1' : '0').join(''); "
+             "document.body.setAttribute('data-images', seen || 'none'); });</script></body>")
+    copy = tmp_path / "report_probe.html"
+    copy.write_text(page.replace("</body>", probe))
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--host-resolver-rules=MAP * ~NOTFOUND",  # offline: any network fetch would fail
+             "--virtual-time-budget=10000", "--window-size=1280,3000"]
+    dom = subprocess.run(flags + ["--dump-dom", copy.as_uri()], capture_output=True, text=True, timeout=180)
+    seen = re.search(r'data-images="([01]+|none)"', dom.stdout)
+    assert seen is not None, dom.stderr[-2000:]
+    assert seen.group(1) == "1" * page.count("<img "), seen.group(1)  # every image decoded, none broken
+    shot = tmp_path / "report.png"
+    subprocess.run(flags + [f"--screenshot={shot}", (out / "report.html").as_uri()], capture_output=True,
+                   timeout=180)
+    assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shutil.copy(shot, out / "report_screenshot.png")  # kept beside the report for a person to look at
 
 
 # ---- the command ------------------------------------------------------------------------------------------
