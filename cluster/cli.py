@@ -243,16 +243,20 @@ def ask(
     scan: Annotated[str, typer.Option(help="a scan key of --corpus, or a ROI-series file of the tables layout")],
     corpus: Annotated[Path | None, typer.Option(help="the corpus that holds the scan key")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 160,
+    choices: Annotated[str | None, typer.Option(
+        help="comma-separated answers to choose from (e.g. Male,Female): each is scored, the probabilities are "
+             "printed, instead of a generated answer")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Answer a question about one scan. A file is cleaned exactly as the corpus builder cleans it (confounds,
     resampling to TR 2 s, the model's length T, per-ROI z-scoring)."""
     cfg = _load(config, set_)
-    typer.echo(_guard(_ask, cfg, model, scan, corpus, question, max_new_tokens))
+    typer.echo(_guard(_ask, cfg, model, scan, corpus, question, max_new_tokens, choices))
 
 
-def _ask(cfg: PipelineConfig, model: Path, scan: str, corpus: Path | None, question: str, max_new_tokens: int) -> str:
+def _ask(cfg: PipelineConfig, model: Path, scan: str, corpus: Path | None, question: str, max_new_tokens: int,
+         choices: str | None = None) -> str:
     from corpus_builder.readers import open_zarr, read_rois
     from corpus_builder.sources.tables import clean_file
     from fmrilm_core.errors import InputError
@@ -270,6 +274,9 @@ def _ask(cfg: PipelineConfig, model: Path, scan: str, corpus: Path | None, quest
         x, labels = clean_file(Path(scan), source, reader.meta["n_rois"])
     else:
         raise InputError(f"{scan}: no such file (a scan key needs --corpus)")
+    if choices is not None:
+        scored = reader.choose(x, question, choices.split(","), labels)
+        return "\n".join(f"{p:.3f}  {choice}" for choice, p in scored.items())
     return reader.ask(x, question, max_new_tokens, labels) or "(the model generated no text)"
 
 

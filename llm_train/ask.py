@@ -43,6 +43,24 @@ class BrainReader:
         return self.tokenizer(question.strip() + "\n", add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()
+    def choose(self, x: np.ndarray, question: str, choices: list[str],
+               labels: list[str] | None = None) -> dict[str, float]:
+        """{choice: probability}: every choice scored by its log-likelihood after `scan + question`, as `fmrilm eval`
+        scores answer options (`llm_train.scoring.option_probabilities`), most probable first."""
+        from llm_train.scoring import option_probabilities
+
+        self.check(x, labels)
+        choices = [c.strip() for c in choices if c.strip()]
+        if len(choices) < 2:
+            raise InputError(f"--choices: name at least two answers, got {choices}")
+        batch = encode_scans(self.brain_tokenizer, torch.as_tensor(x, dtype=torch.float32)[None],
+                             self.meta["input_mode"] == "features")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        probs = option_probabilities(self.model, self.tokenizer, batch, question, choices,
+                                     prompt_format=self.meta.get("prompt_format", "plain"))[0]
+        return dict(sorted(zip(choices, probs.tolist()), key=lambda kv: -kv[1]))
+
+    @torch.no_grad()
     def ask(self, x: np.ndarray, question: str, max_new_tokens: int = 160, labels: list[str] | None = None) -> str:
         self.check(x, labels)
         batch = encode_scans(self.brain_tokenizer, torch.as_tensor(x, dtype=torch.float32)[None],

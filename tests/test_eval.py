@@ -5,6 +5,7 @@ stage-1 tokenizer and a tiny random Llama aligned for a few steps."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -415,6 +416,32 @@ def test_eval_command_prints_the_table_and_refuses_bad_input_in_one_line(corpus,
 
     done = _fmrilm(*base, "--out", str(tmp_path / "E4"), "--tasks", "iq")
     assert done.exit_code == 2 and "unknown task" in done.output
+
+
+def test_ask_scores_named_choices_as_eval_scores_options(corpus, model_dir):
+    from corpus_builder.readers import open_zarr
+    from llm_train.ask import BrainReader
+    from llm_train.data import encode_scans
+    from llm_train.scoring import option_probabilities
+
+    key = split_keys(corpus, "test")[0]
+    done = _fmrilm("ask", "--model", str(model_dir), "--scan", key, "--corpus", str(corpus),
+                   "--choices", "default network, visual", "the brain is")
+    assert done.exit_code == 0, done.output
+    rows = re.findall(r"([01]\.\d{3})  ([^\n\r]+)", done.output)  # (CliRunner mixes in the weight-loading bar)
+    assert sorted(choice for _, choice in rows) == ["default network", "visual"], repr(done.output)
+    reader = BrainReader(model_dir)
+    x = open_zarr(corpus)[key]
+    probs = option_probabilities(reader.model, reader.tokenizer,
+                                 encode_scans(reader.brain_tokenizer, torch.as_tensor(x)[None], False),
+                                 "the brain is", ["default network", "visual"])[0]
+    assert reader.choose(x, "the brain is", ["default network", "visual"]) == pytest.approx(
+        {"default network": probs[0], "visual": probs[1]})
+    assert {c: float(p) for p, c in rows} == pytest.approx({"default network": probs[0], "visual": probs[1]},
+                                                          abs=1e-3)
+    done = _fmrilm("ask", "--model", str(model_dir), "--scan", key, "--corpus", str(corpus), "--choices", "visual",
+                   "the brain is")
+    assert done.exit_code == 2 and "at least two answers" in done.output
 
 
 # ---- stage 3: instruction tuning --------------------------------------------------------------------------
