@@ -66,7 +66,7 @@ def save_aligned(model: AlignModel, tokenizer, cfg, brain_tokenizer, tokenizer_d
             if gguf is not None:  # stock loaders need a plain HF folder as the adapter's base
                 base_dir = out / "base"
                 if not (base_dir / "config.json").is_file():
-                    load_causal_lm(cfg.base, torch_dtype=backbone.dtype).save_pretrained(base_dir)
+                    _save_dequantised(cfg.base, backbone.dtype, base_dir)
                     _base_tokenizer(cfg.base).save_pretrained(base_dir)
                 config.base_model_name_or_path = str(base_dir.resolve())
             elif folder is not None:
@@ -94,6 +94,20 @@ def save_aligned(model: AlignModel, tokenizer, cfg, brain_tokenizer, tokenizer_d
                 **(extra or {})}
         (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _save_dequantised(base, dtype, directory: Path) -> None:
+    """The GGUF base as a plain HF folder. transformers dequantises GGUF weights on load but marks the model as
+    quantised and refuses to save it; the same weights in a model built from its config save as usual."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_causal_lm(base, torch_dtype=dtype)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(directory)
 
 
 def _base_tokenizer(base):

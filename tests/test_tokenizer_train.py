@@ -192,7 +192,7 @@ def test_bad_input_fails_before_any_step(corpus, tiny_llm_dir, tmp_path):
     train(cfg, TokenizerInputs(corpus, tmp_path / "o"), LocalRuntime(tmp_path / "c"))
     other = tiny_cfg(tiny_llm_dir, steps=3, loss={"domain": 0.0})
     with pytest.raises(InputError, match="checkpoint of another config"):
-        train(other, corpus, tmp_path / "o2", LocalRuntime(tmp_path / "c"))
+        train(other, TokenizerInputs(corpus, tmp_path / "o2"), LocalRuntime(tmp_path / "c"))
 
 
 def test_export_loads_in_a_fresh_process_and_encodes_a_scan(corpus, tiny_llm_dir, tmp_path):
