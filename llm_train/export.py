@@ -105,6 +105,8 @@ def _save_dequantised(base, dtype, directory: Path) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if getattr(config, "_is_quantized", False):  # set by some transformers releases on GGUF loads
+        config._is_quantized = False
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     plain.load_state_dict(loaded.state_dict())
     plain.save_pretrained(directory)
