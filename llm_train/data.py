@@ -62,6 +62,15 @@ class CaptionSuffix:
         return len(self.prompt_ids) + self.max_caption_tokens + 1
 
 
+def held_out_text(path: str | Path | None) -> list[str]:
+    """Every tenth document of the text corpus: never cut into T2T chunks, kept for the perplexity measure."""
+    path = Path(path) if path is not None else DEFAULT_TEXT_CORPUS
+    try:
+        return read_text_corpus(path)[::10]
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(f"T2T text corpus: {err}") from None
+
+
 class TextChunks:
     """The text corpus as one token stream (documents joined by eos); chunk `i` of rank `r` is deterministic."""
 
@@ -71,7 +80,6 @@ class TextChunks:
             docs = read_text_corpus(path)
         except (FileNotFoundError, ValueError) as err:
             raise InputError(f"T2T text corpus: {err}") from None
-        self.heldout = docs[::10]
         train_docs = [d for i, d in enumerate(docs) if i % 10] or docs
         eos = tokenizer.eos_token_id
         stream = [t for d in train_docs for t in tokenizer(d, add_special_tokens=False)["input_ids"] + [eos]]

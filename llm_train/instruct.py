@@ -26,14 +26,15 @@ import numpy as np
 import torch
 
 from corpus_builder.readers import open_zarr, read_instructions
-from fmrilm_core.checkpoint import config_fingerprint, load_checkpoint, resume_point, save_checkpoint
-from fmrilm_core.engine import build_engine, deepspeed_config, init_distributed, lr_lambda
+from fmrilm_core.checkpoint import config_fingerprint, resume_point, save_checkpoint
+from fmrilm_core.engine import deepspeed_config, init_distributed
 from fmrilm_core.errors import InputError
 from fmrilm_core.runtime import Runtime
 from llm_train.config import InstructConfig
 from llm_train.data import encode_scans
 from llm_train.export import load_aligned, save_aligned
 from llm_train.model import IGNORE, AlignModel
+from llm_train.train import engine_from
 
 NOT_FINGERPRINTED = {"steps", "checkpoint_every", "eval_every", "eval_items"}
 
@@ -187,14 +188,8 @@ def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict
                                features)
     picks = list(range(min(cfg.eval_items, len(val_data.examples))))
     val_batches = [val_data.rows(picks[i:i + 4]) for i in range(0, len(picks), 4)]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    lr_fn = lr_lambda(warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.steps, schedule=cfg.optim.schedule,
-                      min_lr_ratio=cfg.optim.min_lr_ratio)
-    engine, _ = build_engine(model, [{"params": trainable}], ds_config, lr_fn)
-    start, state = 0, {}
-    if latest is not None:
-        state = load_checkpoint(engine, latest)
-        start = state["step"]
+    engine, state = engine_from(model, cfg, ds_config, latest)
+    start = state.get("step", 0)
     before = state.get("answer_loss_before")
     if before is None:
         before = answer_loss(engine.module, val_batches, engine.device)

@@ -24,7 +24,7 @@ from fmrilm_core.errors import InputError
 from fmrilm_core.llm import load_causal_lm, load_tokenizer, resolve_llm
 from fmrilm_core.runtime import Runtime
 from llm_train.config import LLMAlignConfig
-from llm_train.data import AlignBatches, CaptionSuffix, TextChunks, encode_scans
+from llm_train.data import AlignBatches, CaptionSuffix, TextChunks, encode_scans, held_out_text
 from llm_train.evaluate import (
     caption_fidelity,
     constant_claims,
@@ -179,8 +179,7 @@ def train(cfg: LLMAlignConfig, inputs: AlignInputs, runtime: Runtime) -> dict:
     features = cfg.input_mode == "features"
     suffix = CaptionSuffix(tokenizer, cfg.prompt, cfg.max_caption_tokens)
     text = TextChunks(tokenizer, cfg.text_corpus, cfg.t2t_tokens, cfg.seed) if cfg.objectives.t2t > 0 else None
-    heldout = TextChunks(tokenizer, cfg.text_corpus, cfg.t2t_tokens, cfg.seed).heldout[: cfg.eval.t2t_docs] \
-        if text is None else text.heldout[: cfg.eval.t2t_docs]
+    heldout = held_out_text(cfg.text_corpus)[: cfg.eval.t2t_docs]
     train_data = AlignBatches(corpus, "train", brain_tokenizer, suffix, text, batch_size=cfg.batch_size,
                               features=features, seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size)
     val_data = AlignBatches(corpus, "val", brain_tokenizer, suffix, None, batch_size=cfg.batch_size,
@@ -188,14 +187,8 @@ def train(cfg: LLMAlignConfig, inputs: AlignInputs, runtime: Runtime) -> dict:
     reference = ValidationSet(cfg, train_data, val_data, tokenizer, heldout, n_text)
 
     torch.manual_seed(cfg.seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    lr_fn = lr_lambda(warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.steps, schedule=cfg.optim.schedule,
-                      min_lr_ratio=cfg.optim.min_lr_ratio)
-    engine, _ = build_engine(model, [{"params": trainable}], ds_config, lr_fn)
-    start, state = 0, {}
-    if latest is not None:
-        state = load_checkpoint(engine, latest)
-        start = state["step"]
+    engine, state = engine_from(model, cfg, ds_config, latest)
+    start = state.get("step", 0)
     base_ppl = state.get("base_perplexity")
     if base_ppl is None:  # the text rows of the untrained model are exactly the base model's distribution
         base_ppl = reference.perplexity(engine.module, engine.device)["t2t_perplexity_text_rows"]
@@ -225,6 +218,16 @@ def train(cfg: LLMAlignConfig, inputs: AlignInputs, runtime: Runtime) -> dict:
         torch.distributed.barrier()
     del live
     return metrics | {"final_loss": float(losses["loss"]) if losses else float("nan")}
+
+
+def engine_from(model, cfg, ds_config: dict, latest: Path | None):
+    """The DeepSpeed engine over every trainable parameter of `model` (the LR schedule from `cfg.optim` and
+    `cfg.steps`), restored from `latest` when there is one; (engine, client state: {} when starting afresh)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lr_fn = lr_lambda(warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.steps, schedule=cfg.optim.schedule,
+                      min_lr_ratio=cfg.optim.min_lr_ratio)
+    engine, _ = build_engine(model, [{"params": trainable}], ds_config, lr_fn)
+    return engine, (load_checkpoint(engine, latest) if latest is not None else {})
 
 
 def train_step(engine, data: AlignBatches, step: int, seed: int, rank: int) -> dict[str, torch.Tensor]:
