@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import load_config
+from fmrilm_core.runtime import LocalRuntime
 
 # A small but real pipeline: 6 subjects, 12 ROIs, short scans, T = 32.
 TINY = ["synth.subjects=6", "synth.length_scale=0.3", "synth.datasets=[UKB,ABCD]",
@@ -88,3 +89,16 @@ def tiny_llm_dir(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+class StopAfter(LocalRuntime):
+    """A runtime that stops the run right after committing the checkpoint of `step` (a killed job)."""
+
+    def __init__(self, root, step):
+        super().__init__(root)
+        self.stop = step
+
+    def commit_checkpoint(self, directory, step, metrics):
+        super().commit_checkpoint(directory, step, metrics)
+        if step == self.stop:
+            raise KeyboardInterrupt

@@ -22,7 +22,7 @@ from llm_train.data import CaptionSuffix
 from llm_train.layout import additive_mask, block_causal_mask, f2f_targets, position_ids
 from llm_train.model import IGNORE
 from llm_train.train import AlignInputs, build_model, load_brain_tokenizer, train
-from tests.conftest import TINY_WORDS, tiny_tokenizer
+from tests.conftest import TINY_WORDS, StopAfter, tiny_tokenizer
 from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.train import TokenizerInputs
 from tokenizer_train.train import train as train_tokenizer
@@ -215,19 +215,6 @@ def test_align_trains_measures_and_saves_a_stock_loadable_model(stage1, llm_dir,
     bad = subprocess.run(fmrilm + ["--scan", "nope", "--corpus", str(corpus), "Describe."], capture_output=True,
                          text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {corpus}: no scan with key 'nope'"
-
-
-class StopAfter(LocalRuntime):
-    """A runtime that stops the run right after committing the checkpoint of `step` (a killed job)."""
-
-    def __init__(self, root, step):
-        super().__init__(root)
-        self.stop = step
-
-    def commit_checkpoint(self, directory, step, metrics):
-        super().commit_checkpoint(directory, step, metrics)
-        if step == self.stop:
-            raise KeyboardInterrupt
 
 
 def test_lora_resumes_exactly_and_saves_an_adapter_stock_peft_loads(stage1, llm_dir, tmp_path):

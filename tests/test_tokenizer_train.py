@@ -15,6 +15,7 @@ from corpus_builder.readers import roi_network_groups
 from corpus_builder.synth import synthesize
 from fmrilm_core.errors import InputError
 from fmrilm_core.runtime import LocalRuntime
+from tests.conftest import StopAfter
 from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.engine import Stage1, build_engine
 from tokenizer_train.train import TokenizerInputs, train
@@ -43,19 +44,6 @@ def tiny_cfg(llm_dir: Path, **extra) -> TokenizerTrainConfig:
     for key, value in extra.items():
         data[key] = value
     return TokenizerTrainConfig.model_validate(data)
-
-
-class StopAfter(LocalRuntime):
-    """A runtime that stops the run right after committing the checkpoint of `step` (a killed job)."""
-
-    def __init__(self, root, step):
-        super().__init__(root)
-        self.stop = step
-
-    def commit_checkpoint(self, directory, step, metrics):
-        super().commit_checkpoint(directory, step, metrics)
-        if step == self.stop:
-            raise KeyboardInterrupt
 
 
 def test_every_trainable_parameter_is_in_the_optimizer(tiny_llm_dir):
