@@ -51,6 +51,8 @@ def stage1(tmp_path_factory, llm_dir):
     import ray
 
     root = tmp_path_factory.mktemp("stage2")
+    (root / "src").mkdir()  # a fixed pseudonym secret: splits follow it, so every run tests on the same subjects
+    (root / "src" / ".pseudonym_key").write_text("f" * 64)
     synthesize(SynthConfig(subjects=16, length_scale=0.3, datasets=["UKB", "ABCD"], n_rois=N_ROIS), root / "src")
     cfg = load_config(None, [f"corpus.source.cleaning.length={T}", f"corpus.source.atlas.n_rois={N_ROIS}",
                              "corpus.build.shard_size=8", "corpus.build.workers=2",
@@ -186,7 +188,7 @@ def test_every_trainable_parameter_is_in_the_optimizer(stage1, llm_dir, lora):
 
 def test_align_trains_measures_and_saves_a_stock_loadable_model(stage1, llm_dir, tmp_path):
     corpus, tok_dir = stage1
-    cfg = align_cfg(llm_dir, steps=40, eval_every=40, checkpoint_every=40)
+    cfg = align_cfg(llm_dir, steps=100, eval_every=100, checkpoint_every=100)
     out = tmp_path / "llm"
     metrics = train(cfg, AlignInputs(corpus, tok_dir, out), LocalRuntime(out / "checkpoints"))
     for key in ("f2f_accuracy", "f2f_copy_baseline", "f2f_frequent_baseline", "caption_fidelity",
