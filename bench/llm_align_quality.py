@@ -60,9 +60,7 @@ def main() -> None:
     corpus = workdir / "corpus"
     if args.runs and not (corpus / "summary.json").is_file():
         source = run_synth(cfg, workdir / "source", tracker)
-        run_cfg = cfg.model_copy(deep=True)
-        run_cfg.corpus.source.atlas.n_rois = cfg.synth.n_rois or 450
-        run_corpus_build(run_cfg, [str(source.out)], corpus, tracker, input_run_id=source.run_id)
+        run_corpus_build(cfg, [str(source.out)], corpus, tracker, input_run_id=source.run_id)
 
     def tokenizer(domain: bool) -> Path:
         out = workdir / ("tokenizer" if domain else "tokenizer-domain0")

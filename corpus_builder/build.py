@@ -349,6 +349,7 @@ def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, 
     _prepare_out(out, inputs, overwrite)
     (out / COMPLETE).unlink(missing_ok=True)  # a resumed build is not complete until it ends
     (out / "build.json").write_text(json.dumps(inputs | {"sources": specs}, indent=1))
+    cfg = cfg.model_copy(update={"source": sources.with_roi_count(records, cfg.source)})  # N from the data if unset
 
     table = pd.DataFrame({"key": [r.key for r in records], "subject": [r.subject for r in records],
                           "dataset": [r.dataset for r in records],

@@ -52,7 +52,9 @@ class AtlasConfig(StrictModel):
                                description="one label table per image (index<TAB>name, or one name per line)")
     cifti_labels: Path | None = Field(None, description="dlabel.nii (or label TSV per grayordinate) for ABCD CIFTI")
     lookup: Path | None = Field(None, description="TSV label -> network for atlases that are not Schaefer/Tian")
-    n_rois: int = Field(450, ge=1, description="expected ROI count; a scan with another count fails")
+    n_rois: int | None = Field(
+        None, ge=1, description="expected ROI count; a scan with another count fails. None = the count of the "
+                                "sources' first readable scan (`corpus_builder.sources.with_roi_count`)")
 
 
 class CleaningConfig(StrictModel):

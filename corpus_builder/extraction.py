@@ -75,6 +75,7 @@ def extract_all(records: list[ScanRecord], cfg: SourceConfig, out: Path, progres
     """Extract every discovered scan into `out` (layout in the module docstring); returns the summary."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    cfg = sources.with_roi_count(records, cfg)
     n_ok_max = sum(1 for r in records if not r.error)
     group = zarr.open_group(out / "timeseries.zarr", mode="w")
     ts = group.create_array("ts", shape=(max(n_ok_max, 1), cfg.cleaning.length, cfg.atlas.n_rois),

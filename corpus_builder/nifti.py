@@ -195,7 +195,7 @@ def check_atlas(cfg: AtlasConfig) -> LabelAtlas:
     if not cfg.images:
         raise InputError("NIfTI sources need atlas label images: set corpus.source.atlas.images (and labels)")
     atlas = LabelAtlas.from_config(cfg)
-    if atlas.n_labels != cfg.n_rois:
+    if cfg.n_rois is not None and atlas.n_labels != cfg.n_rois:
         raise InputError(f"the atlas has {atlas.n_labels} labels but atlas.n_rois is {cfg.n_rois}")
     return atlas
 

@@ -22,7 +22,7 @@ def test_demo_config_validates_and_defaults_fill_in():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert cfg.name == "demo"
     assert cfg.corpus.source.cleaning.tr == 2.0 and cfg.corpus.source.cleaning.length == 160
-    assert cfg.corpus.source.atlas.n_rois == 450
+    assert cfg.corpus.source.atlas.n_rois is None  # read from the sources (450 for the synthetic cohort)
 
 
 def test_unknown_key_names_key_path_and_file(tmp_path):

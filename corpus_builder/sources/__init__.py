@@ -69,6 +69,26 @@ def load_scan(record: ScanRecord, cfg: SourceConfig) -> RawScan:
     return SOURCES[record.loader].load(record, cfg)
 
 
+def with_roi_count(records: list[ScanRecord], cfg: SourceConfig, tries: int = 5) -> SourceConfig:
+    """`cfg` with `atlas.n_rois` set: as configured, or (None) the ROI count of the first discovered scan that
+    loads, so a cohort of any atlas builds without restating its size; every other scan must then match it.
+    One-line InputError when none of the first `tries` scans loads."""
+    if cfg.atlas.n_rois is not None:
+        return cfg
+    reasons = []
+    for record in [r for r in records if not r.error][:tries]:
+        try:
+            raw = load_scan(record, cfg)
+        except (ScanError, OSError, ValueError, EOFError) as exc:
+            reasons.append(_without_paths(str(exc)) or type(exc).__name__)
+            continue
+        n_rois = int(np.asarray(raw.data).shape[-1])
+        return cfg.model_copy(update={"atlas": cfg.atlas.model_copy(update={"n_rois": n_rois})})
+    first = f" (first: {reasons[0]})" if reasons else ""
+    raise InputError(f"atlas.n_rois is not set and none of the first {len(reasons)} discovered scans loads to read "
+                     f"the ROI count from{first}; set corpus.source.atlas.n_rois")
+
+
 def _without_paths(message: str) -> str:
     """First line of a library error with file paths cut out: paths can hold raw subject ids."""
     first = message.splitlines()[0] if message else ""

@@ -21,8 +21,8 @@ configured `site` field becomes `record.site`); when it is configured, an eid mi
 
 Failures name the file by its role (the file names hold the raw eid): a folder with a missing half, or
 several files matching a pattern, fails at discovery; mismatched volume counts, a wrong ROI count (50 / 400
-each when `atlas.n_rois` is 450, else the sum must equal `atlas.n_rois`), a missing `label_name` column or
-non-numeric values fail when the scan is loaded.
+each when `atlas.n_rois` is 450, else the sum must equal `atlas.n_rois` when it is set), a missing `label_name`
+column or non-numeric values fail when the scan is loaded.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def load(record: ScanRecord, cfg: SourceConfig) -> RawScan:
                                      ("Schaefer-400 CSV", len(schaefer), SCHAEFER_ROIS)):
             if rows != expected:
                 raise ScanError(f"{role} has {rows} ROI rows, expected {expected}")
-    elif len(tian) + len(schaefer) != n_rois:
+    elif n_rois is not None and len(tian) + len(schaefer) != n_rois:
         raise ScanError(f"Tian S3 CSV has {len(tian)} ROI rows and the Schaefer-400 CSV {len(schaefer)}: "
                         f"{len(tian) + len(schaefer)} ROIs, expected {n_rois} (atlas.n_rois)")
     data, labels = order_by_lookup(np.vstack([tian, schaefer]).T, tian_labels + schaefer_labels, cfg)
