@@ -75,20 +75,99 @@ def tiny_tokenizer():
                                    bos_token="<s>", eos_token="</s>")
 
 
-@pytest.fixture(scope="session")
-def tiny_llm_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama (hidden 16, context 512) with that tokenizer, saved as a HF folder."""
+def save_tiny_llm(folder: Path, layers: int, seed: int) -> Path:
+    """A tiny random Llama (hidden 16, context 512) of `layers` layers, its weights drawn from `seed`, with that
+    tokenizer, saved as a HF folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny_llm")
-    torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=len(TINY_WORDS) + 4, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(TINY_WORDS) + 4, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     LlamaForCausalLM(config).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    """One layer: stage 1's text side in the tokenizer and pipeline tests."""
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny_llm"), layers=1, seed=3)
+
+
+@pytest.fixture(scope="session")
+def llm_dir(tmp_path_factory) -> Path:
+    """Two layers: the base the stage-2, evaluation and fault tests align to their 12-ROI cohorts (read only)."""
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny_llm_long"), layers=2, seed=5)
+
+
+# ---- the 12-ROI cohorts of the stage-2, evaluation and fault tests -----------------------------------------
+
+N_ROIS, T, PATCH = 12, 32, 8  # W = 4 steps of 12 ROI tokens
+
+
+def tiny_cohort(root: Path, subjects: int, fractions: str, secret: str | None = None) -> Path:
+    """`subjects` synthetic UKB and ABCD subjects of N_ROIS ROIs, built into `root`/corpus with the train, val and
+    test `fractions` ("[0.6,0.4,0.0]"). With `secret`, a fixed pseudonym secret: splits follow it, so every run
+    tests on the same subjects (without one, synthesis draws a fresh secret)."""
+    import ray
+
+    from corpus_builder.build import build_corpus
+    from corpus_builder.config import SynthConfig
+    from corpus_builder.synth import synthesize
+
+    (root / "src").mkdir(parents=True)
+    if secret is not None:
+        (root / "src" / ".pseudonym_key").write_text(secret)
+    synthesize(SynthConfig(subjects=subjects, length_scale=0.3, datasets=["UKB", "ABCD"], n_rois=N_ROIS),
+               root / "src")
+    cfg = load_config(None, [f"corpus.source.cleaning.length={T}", f"corpus.source.atlas.n_rois={N_ROIS}",
+                             "corpus.build.shard_size=8", "corpus.build.workers=2",
+                             f"corpus.splits.fractions={fractions}"])
+    build_corpus([str(root / "src")], cfg.corpus, root / "corpus")
+    ray.shutdown()
+    return root / "corpus"
+
+
+def brain_tokenizer_cfg(llm_dir: Path, **extra):
+    """A tiny stage-1 tokenizer config for the 12-ROI cohorts (4 steps), `extra` replacing top-level keys."""
+    from tokenizer_train.config import TokenizerTrainConfig
+
+    data = {"model": {"n_rois": N_ROIS, "length": T, "patch": PATCH, "dim": 16, "depth": 1, "heads": 2,
+                      "codebook_size": 16, "code_dim": 8, "llm_dim": 16, "decoder_depth": 1},
+            "text": {"llm": str(llm_dir), "text_batch": 64}, "optim": {"warmup_steps": 1},
+            "batch_size": 4, "steps": 4, "checkpoint_every": 4, "eval_every": 4}
+    return TokenizerTrainConfig.model_validate(data | extra)
+
+
+def train_brain_tokenizer(corpus: Path, llm_dir: Path, out: Path, steps: int) -> Path:
+    """A stage-1 tokenizer trained `steps` steps on `corpus` against `llm_dir`; its exported folder."""
+    from tokenizer_train.train import TokenizerInputs
+    from tokenizer_train.train import train as train_tokenizer
+
+    cfg = brain_tokenizer_cfg(llm_dir, steps=steps, checkpoint_every=steps, eval_every=steps)
+    train_tokenizer(cfg, TokenizerInputs(corpus, out), LocalRuntime(out / "checkpoints"))
+    return out / "tokenizer"
+
+
+def align_cfg(llm_dir: Path, **extra):
+    """A tiny stage-2 config on `llm_dir` (6 steps), `extra` replacing top-level keys."""
+    from llm_train.config import LLMAlignConfig
+
+    data = {"base": str(llm_dir), "batch_size": 2, "steps": 6, "checkpoint_every": 3, "eval_every": 6,
+            "max_caption_tokens": 48, "t2t_tokens": 16, "optim": {"lr": 3e-3, "warmup_steps": 1},
+            "eval": {"scans": 8, "caption_scans": 4, "max_new_tokens": 8, "t2t_docs": 4}}
+    return LLMAlignConfig.model_validate(data | extra)
+
+
+@pytest.fixture(scope="session")
+def stage1(tmp_path_factory, llm_dir) -> tuple[Path, Path]:
+    """The stage-2 cohort (16 subjects, train and val, a fixed pseudonym secret) and a stage-1 tokenizer trained
+    4 steps on it against `llm_dir`: (corpus, tokenizer folder). Read only: tests write their runs elsewhere."""
+    root = tmp_path_factory.mktemp("stage2")
+    corpus = tiny_cohort(root, subjects=16, fractions="[0.6,0.4,0.0]", secret="f" * 64)
+    return corpus, train_brain_tokenizer(corpus, llm_dir, root / "tok", steps=4)
 
 
 class StopAfter(LocalRuntime):

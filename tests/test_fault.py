@@ -26,9 +26,7 @@ from cluster.launch import run_training
 from fmrilm_core.checkpoint import CLIENT_STATE
 from llm_train.train import AlignInputs
 from llm_train.train import train as train_align
-from tests import test_llm_align as stage2_tests
-from tests.test_llm_align import N_ROIS, PATCH, T, align_cfg
-from tokenizer_train.config import TokenizerTrainConfig
+from tests.conftest import align_cfg, brain_tokenizer_cfg
 from tokenizer_train.train import TokenizerInputs
 from tokenizer_train.train import train as train_tokenizer
 
@@ -36,10 +34,6 @@ ROOT = Path(__file__).parents[1]
 ZERO2 = str(ROOT / "configs" / "deepspeed" / "zero2.json")
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints its controller registered
 VICTIM_RANK = 1
-
-# the tiny stage-2 fixtures: a tiny Llama, a 12-ROI corpus and a stage-1 tokenizer trained on it
-llm_dir = stage2_tests.llm_dir
-stage1 = stage2_tests.stage1
 
 
 def marking(train_fn, marks: Path, pause_s: float):
@@ -151,11 +145,8 @@ def assert_restarted_from_checkpoint(what: dict, steps: int) -> None:
 def test_tokenizer_worker_killed_mid_run_restarts_from_checkpoint_with_the_same_metrics(stage1, llm_dir, tmp_path):
     corpus, _ = stage1
     steps = 12
-    cfg = TokenizerTrainConfig.model_validate({
-        "model": {"n_rois": N_ROIS, "length": T, "patch": PATCH, "dim": 16, "depth": 1, "heads": 2,
-                  "codebook_size": 16, "code_dim": 8, "llm_dim": 16, "decoder_depth": 1},
-        "text": {"llm": str(llm_dir), "text_batch": 64}, "optim": {"warmup_steps": 1},
-        "batch_size": 2, "steps": steps, "checkpoint_every": 2, "eval_every": steps, "deepspeed": ZERO2})
+    cfg = brain_tokenizer_cfg(llm_dir, batch_size=2, steps=steps, checkpoint_every=2, eval_every=steps,
+                              deepspeed=ZERO2)
     straight, killed, what = straight_and_killed(train_tokenizer, cfg, lambda out: TokenizerInputs(corpus, out),
                                                  tmp_path)
     assert_restarted_from_checkpoint(what, steps)

@@ -11,10 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import load_config
-from corpus_builder.build import build_corpus
-from corpus_builder.config import SynthConfig
-from corpus_builder.synth import synthesize
 from fmrilm_core.errors import InputError
 from fmrilm_core.runtime import LocalRuntime
 from llm_train.config import LLMAlignConfig
@@ -22,59 +18,7 @@ from llm_train.data import CaptionSuffix
 from llm_train.layout import additive_mask, block_causal_mask, f2f_targets, position_ids
 from llm_train.model import IGNORE
 from llm_train.train import AlignInputs, build_model, load_brain_tokenizer, train
-from tests.conftest import TINY_WORDS, StopAfter, tiny_tokenizer
-from tokenizer_train.config import TokenizerTrainConfig
-from tokenizer_train.train import TokenizerInputs
-from tokenizer_train.train import train as train_tokenizer
-
-N_ROIS, T, PATCH = 12, 32, 8  # W = 4 steps of 12 ROI tokens
-
-
-@pytest.fixture(scope="module")
-def llm_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama (hidden 16) with a context long enough for a scan and its caption."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny_llm_long")
-    torch.manual_seed(5)
-    config = LlamaConfig(vocab_size=len(TINY_WORDS) + 4, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def stage1(tmp_path_factory, llm_dir):
-    """A 12-ROI synthetic corpus and a stage-1 tokenizer trained on it against the tiny LLM."""
-    import ray
-
-    root = tmp_path_factory.mktemp("stage2")
-    (root / "src").mkdir()  # a fixed pseudonym secret: splits follow it, so every run tests on the same subjects
-    (root / "src" / ".pseudonym_key").write_text("f" * 64)
-    synthesize(SynthConfig(subjects=16, length_scale=0.3, datasets=["UKB", "ABCD"], n_rois=N_ROIS), root / "src")
-    cfg = load_config(None, [f"corpus.source.cleaning.length={T}", f"corpus.source.atlas.n_rois={N_ROIS}",
-                             "corpus.build.shard_size=8", "corpus.build.workers=2",
-                             "corpus.splits.fractions=[0.6,0.4,0.0]"])
-    build_corpus([str(root / "src")], cfg.corpus, root / "corpus")
-    ray.shutdown()
-    tok_cfg = TokenizerTrainConfig.model_validate({
-        "model": {"n_rois": N_ROIS, "length": T, "patch": PATCH, "dim": 16, "depth": 1, "heads": 2,
-                  "codebook_size": 16, "code_dim": 8, "llm_dim": 16, "decoder_depth": 1},
-        "text": {"llm": str(llm_dir), "text_batch": 64}, "optim": {"warmup_steps": 1},
-        "batch_size": 4, "steps": 4, "checkpoint_every": 4, "eval_every": 4})
-    train_tokenizer(tok_cfg, TokenizerInputs(root / "corpus", root / "tok"), LocalRuntime(root / "tok" / "checkpoints"))
-    return root / "corpus", root / "tok" / "tokenizer"
-
-
-def align_cfg(llm_dir: Path, **extra) -> LLMAlignConfig:
-    data = {"base": str(llm_dir), "batch_size": 2, "steps": 6, "checkpoint_every": 3, "eval_every": 6,
-            "max_caption_tokens": 48, "t2t_tokens": 16, "optim": {"lr": 3e-3, "warmup_steps": 1},
-            "eval": {"scans": 8, "caption_scans": 4, "max_new_tokens": 8, "t2t_docs": 4}}
-    data.update(extra)
-    return LLMAlignConfig.model_validate(data)
-
+from tests.conftest import N_ROIS, PATCH, TINY_WORDS, StopAfter, T, align_cfg, tiny_tokenizer
 
 # ---- the layout, on hand-made examples ------------------------------------------------------------------
 
