@@ -7,6 +7,8 @@
     evaluate.py    F2F accuracy beside its baselines, caption fidelity beside its controls, T2T perplexity
     train.py       train(cfg, AlignInputs, runtime): the DeepSpeed loop (fmrilm_core), resume first
     export.py      the saved folder (stock-loadable HF model or PEFT adapter + brain.json) and its loader
+    zero3.py       DeepSpeed ZeRO-3 around the backbone (stages 2 and 3): live config, peft and LoRA merges on
+                   partitioned weights
 
 Imports torch, transformers, peft, deepspeed (through fmrilm_core) and the stage-1 and corpus packages; never
 `cluster`, ray or mlflow.

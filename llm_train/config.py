@@ -100,6 +100,6 @@ class InstructConfig(StrictModel):
     eval_every: int = Field(100, ge=1)
     eval_items: int = Field(32, ge=1, description="val items for the answer loss")
     optim: AlignOptim = AlignOptim()
-    deepspeed: Path | None = Field(None, description="DeepSpeed JSON, ZeRO 0-2 (ZeRO-3 not supported here yet)")
+    deepspeed: Path | None = Field(None, description="DeepSpeed JSON, ZeRO 0-3 (configs/deepspeed/); None = ZeRO-0")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 0

@@ -28,6 +28,7 @@ from fmrilm_core.errors import InputError
 from fmrilm_core.llm import load_causal_lm, resolve_llm
 from llm_train.model import AlignModel, BrainFeatureAdapter
 from llm_train.vocabulary import SCAN_END, SCAN_START, BrainVocab
+from llm_train.zero3 import peft_on_partitioned
 
 FORMAT = "fmrilm-llm"
 FORMAT_VERSION = 1
@@ -129,8 +130,12 @@ def read_meta(directory: Path) -> dict:
     return meta
 
 
-def load_aligned(directory: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(AlignModel in eval mode, tokenizer, BrainTokenizer, meta) of a saved folder, with stock loaders."""
+def load_aligned(directory: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 live=None):
+    """(AlignModel in eval mode, tokenizer, BrainTokenizer, meta) of a saved folder, with stock loaders.
+
+    `live`: the live HfDeepSpeedConfig of a ZeRO-3 run (`llm_train.zero3.live_config`): the weights load
+    partitioned; a LoRA folder's base loads first and peft adds the adapter as on a partitioned backbone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokenizer_train.model import BrainTokenizer
@@ -138,7 +143,9 @@ def load_aligned(directory: Path, device: str | torch.device = "cpu", dtype: tor
     directory = Path(directory)
     meta = read_meta(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    if meta["lora"]:
+    if meta["lora"] and live is not None:
+        backbone = _peft_partitioned(directory, tokenizer, dtype, live)
+    elif meta["lora"]:
         from peft import AutoPeftModelForCausalLM
 
         backbone = AutoPeftModelForCausalLM.from_pretrained(directory, dtype=dtype)
@@ -155,3 +162,17 @@ def load_aligned(directory: Path, device: str | torch.device = "cpu", dtype: tor
                        codebook_size=meta["codebook_size"], input_mode=meta["input_mode"],
                        position_mode=meta["position_ids"], adapter=adapter)
     return model.to(device).eval(), tokenizer, brain_tokenizer, meta
+
+
+def _peft_partitioned(directory: Path, tokenizer, dtype: torch.dtype, live):
+    """What `AutoPeftModelForCausalLM.from_pretrained(directory)` builds (the adapter's base, its vocabulary grown to
+    the folder's tokenizer, the adapter), with the base loaded under ZeRO-3 and the adapter added as
+    `llm_train.zero3.peft_on_partitioned` does (peft cannot read a partitioned embedding's rows on CPU)."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = PeftConfig.from_pretrained(directory)
+    base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, dtype=dtype)
+    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the adapter's trainable rows overwrite them
+    return peft_on_partitioned(lambda: PeftModel.from_pretrained(base, directory, autocast_adapter_dtype=False),
+                               base, live)

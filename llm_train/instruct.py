@@ -10,7 +10,10 @@ whose labels mark what is learnt), so the model, the DeepSpeed engine, checkpoin
 
 Full or LoRA: a LoRA stage-2 folder is merged into its base first; with `lora.enabled` fresh adapters (and the
 brain rows, as in stage 2) are trained and merged again before saving, so the stage-3 folder is a plain
-`AutoModelForCausalLM` folder. ZeRO-3 is not supported here yet (refused); ZeRO 0-2 are.
+`AutoModelForCausalLM` folder.
+
+ZeRO 0-3, as in stage 2 (`llm_train.zero3`): under ZeRO-3 the DeepSpeed config is alive before the stage-2 folder
+loads, so `from_pretrained` partitions its weights; merges run on gathered weights, and saving gathers them.
 Attributes in `exclude_attributes` are left out of the tuning mix (the zero-shot protocol of `fmrilm eval`).
 """
 
@@ -35,6 +38,7 @@ from llm_train.data import encode_scans
 from llm_train.export import load_aligned, save_aligned
 from llm_train.model import IGNORE, AlignModel
 from llm_train.train import engine_from
+from llm_train.zero3 import live_config, merged
 
 NOT_FINGERPRINTED = {"steps", "checkpoint_every", "eval_every", "eval_items"}
 
@@ -127,19 +131,16 @@ class InstructBatches:
         return self.rows([int(self.order[(start + i) % len(self.examples)]) for i in range(b)])
 
 
-def _merged(backbone):
-    return backbone.merge_and_unload() if hasattr(backbone, "peft_config") else backbone
-
-
-def prepare_model(cfg: InstructConfig, model: AlignModel, n_tokens: int) -> AlignModel:
-    """The stage-2 model made trainable for stage 3: a LoRA folder merged; fresh LoRA (+ brain rows) or all weights."""
+def prepare_model(cfg: InstructConfig, model: AlignModel, n_tokens: int, live=None) -> AlignModel:
+    """The stage-2 model made trainable for stage 3: a LoRA folder merged; fresh LoRA (+ brain rows) or all weights.
+    `live`: the live HfDeepSpeedConfig of a ZeRO-3 run (None otherwise)."""
     from llm_train.train import _with_lora
 
-    backbone = _merged(model.backbone)
+    backbone = merged(model.backbone)
     v = model.vocab
     n_text = min(v.scan_start, v.scan_end, v.first_id)
     if cfg.lora.enabled:
-        backbone = _with_lora(types.SimpleNamespace(lora=cfg.lora), backbone, v, n_text, n_tokens)
+        backbone = _with_lora(types.SimpleNamespace(lora=cfg.lora), backbone, v, n_text, n_tokens, live)
     else:
         backbone.requires_grad_(True)
     backbone.config.use_cache = False
@@ -172,14 +173,13 @@ def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict
     ds_config = deepspeed_config(cfg.deepspeed, micro_batch=cfg.batch_size, grad_clip=cfg.optim.grad_clip,
                                  lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
                                  precision=cfg.precision)
-    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
-        raise InputError("llm instruct: ZeRO-3 is not supported yet; use a ZeRO-0/1/2 DeepSpeed config")
     init_distributed()
+    live = live_config(ds_config)  # ZeRO-3: alive before the stage-2 folder loads, so its weights load partitioned
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-    model, tokenizer, brain_tokenizer, meta = load_aligned(model_dir, "cpu", dtype)
+    model, tokenizer, brain_tokenizer, meta = load_aligned(model_dir, "cpu", dtype, live=live)
     brain_tokenizer.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    model = prepare_model(cfg, model, len(tokenizer))
+    model = prepare_model(cfg, model, len(tokenizer), live)
     chat = ChatFormat(tokenizer)
     features = meta["input_mode"] == "features"
     train_data = InstructBatches(corpus, "train", brain_tokenizer, chat, cfg, features, runtime.rank,
@@ -219,7 +219,7 @@ def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict
         metrics = {"val/answer_loss": answer_loss(engine.module, val_batches, engine.device),
                    "val/answer_loss_before": before}
     final = engine.module
-    final.backbone = _merged(final.backbone)
+    final.backbone = merged(final.backbone)  # every rank: under ZeRO-3 the merge gathers the weights
     shim = types.SimpleNamespace(base=meta.get("base"), prompt=meta.get("prompt"))
     save_aligned(final, tokenizer, shim, brain_tokenizer, model_dir / meta["brain_tokenizer"], corpus, out,
                  runtime.rank, stage="instruct",
@@ -228,4 +228,5 @@ def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict
                                      "lora": cfg.lora.enabled, "steps": cfg.steps}})
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+    del live  # a later load in this process (e.g. of the saved folder) is a plain one again
     return metrics

@@ -12,7 +12,6 @@ Under ZeRO-3 the DeepSpeed config is made alive (`HfDeepSpeedConfig`) before the
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from llm_train.evaluate import (
 from llm_train.export import save_aligned
 from llm_train.model import AlignModel, BrainFeatureAdapter
 from llm_train.vocabulary import BrainVocab, add_brain_tokens, init_brain_rows
+from llm_train.zero3 import live_config, modify, peft_on_partitioned
 from tokenizer_train.model import BrainTokenizer
 
 NOT_FINGERPRINTED = {"steps", "checkpoint_every", "eval_every", "eval"}
@@ -48,10 +48,6 @@ class AlignInputs:
     corpus: Path
     tokenizer: Path
     out: Path
-
-
-def _zero_stage(ds_config: dict) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def load_brain_tokenizer(directory: Path) -> BrainTokenizer:
@@ -68,11 +64,7 @@ def build_model(cfg: LLMAlignConfig, brain_tokenizer: BrainTokenizer, ds_config:
     tokenizer = load_tokenizer(cfg.base)
     n_text = len(tokenizer)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-    live = None
-    if _zero_stage(ds_config) == 3:  # must exist while from_pretrained runs: it turns on zero.Init
-        from transformers.integrations import HfDeepSpeedConfig
-
-        live = HfDeepSpeedConfig(ds_config)
+    live = live_config(ds_config)  # ZeRO-3: must exist while from_pretrained runs, it turns on zero.Init
     backbone = load_causal_lm(cfg.base, torch_dtype=dtype)
     width = backbone.get_input_embeddings().embedding_dim
     if width != tc.llm_dim:
@@ -91,7 +83,7 @@ def build_model(cfg: LLMAlignConfig, brain_tokenizer: BrainTokenizer, ds_config:
     emb = backbone.get_input_embeddings().weight
     out_emb = backbone.get_output_embeddings()
     params = [emb] + ([out_emb.weight] if out_emb is not None and out_emb.weight is not emb else [])
-    with _modify(params):
+    with modify(params):
         init_brain_rows(backbone, vocab, n_text, None if features else brain_tokenizer.codebook.float())
     backbone.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -103,15 +95,6 @@ def build_model(cfg: LLMAlignConfig, brain_tokenizer: BrainTokenizer, ds_config:
                        input_mode=cfg.input_mode, position_mode=cfg.position_ids, adapter=adapter,
                        weights=cfg.objectives.model_dump())
     return model, tokenizer, n_text, live
-
-
-def _modify(params: list[torch.nn.Parameter]):
-    """Write access to (possibly ZeRO-3 partitioned) parameters; rank 0's values are broadcast."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    return contextlib.nullcontext()
 
 
 def _with_lora(cfg: LLMAlignConfig, backbone, vocab: BrainVocab, n_text: int, n_total: int, live=None):
@@ -128,30 +111,7 @@ def _with_lora(cfg: LLMAlignConfig, backbone, vocab: BrainVocab, n_text: int, n_
                       target_modules=cfg.lora.target_modules, trainable_token_indices=indices, task_type="CAUSAL_LM")
     # adapters in the base's dtype (peft would make them fp32): DeepSpeed's bf16 optimizer and ZeRO-3's flat
     # partitions expect one dtype across the module
-    if live is None:
-        return get_peft_model(backbone, lora, autocast_adapter_dtype=False)
-    import deepspeed
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    # ZeRO-3. peft (0.21) gathers the trainable-token rows of partitioned weights on CUDA only: gather the embedding
-    # (and head) here and let peft read them as plain tensors (DeepSpeed partitions what peft adds when the engine
-    # is built).
-    embeddings = [backbone.get_input_embeddings().weight] + ([] if tied else [backbone.get_output_embeddings().weight])
-    with deepspeed.zero.GatheredParameters([p for p in embeddings if hasattr(p, "ds_id")], modifier_rank=None):
-        unset_hf_deepspeed_config()
-        try:
-            model = get_peft_model(backbone, lora, autocast_adapter_dtype=False)
-        finally:
-            set_hf_deepspeed_config(live)
-    # A trainable-tokens layer reads its rows (held in a ParameterDict, a module whose forward never runs) and its
-    # base weight inside its own forward; ZeRO-3 gathers only a module's own parameters around its forward, so
-    # those are registered with it, or they would be seen partitioned (empty).
-    for module in model.modules():
-        if isinstance(module, TrainableTokensLayer):
-            for param in [*module.trainable_tokens_delta.parameters(), module.get_base_layer().weight]:
-                deepspeed.zero.register_external_parameter(module, param)
-    return model
+    return peft_on_partitioned(lambda: get_peft_model(backbone, lora, autocast_adapter_dtype=False), backbone, live)
 
 
 def _embedding_names(backbone) -> tuple[str, str]:
@@ -172,8 +132,6 @@ def train(cfg: LLMAlignConfig, inputs: AlignInputs, runtime: Runtime) -> dict:
     ds_config = deepspeed_config(cfg.deepspeed, micro_batch=cfg.batch_size, grad_clip=cfg.optim.grad_clip,
                                  lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
                                  precision=cfg.precision)
-    if _zero_stage(ds_config) == 3:  # a consolidated 16-bit state for saving; parameters gathered by hand below
-        ds_config.setdefault("zero_optimization", {}).setdefault("stage3_gather_16bit_weights_on_model_save", True)
     init_distributed()
     model, tokenizer, n_text, live = build_model(cfg, brain_tokenizer, ds_config)
     features = cfg.input_mode == "features"
