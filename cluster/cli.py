@@ -238,19 +238,23 @@ def llm_instruct(
 
 @app.command()
 def ask(
-    question: Annotated[str, typer.Argument(help="e.g. \"Describe this scan.\"")],
+    question: Annotated[str, typer.Argument(
+        help="e.g. \"Describe this scan.\", or \"Is this subject male or female?\" (its answers are scored)")],
     model: Annotated[Path, typer.Option(help="a model folder of `fmrilm llm align` (or `llm instruct`)")],
     scan: Annotated[str, typer.Option(help="a scan key of --corpus, or a ROI-series file of the tables layout")],
     corpus: Annotated[Path | None, typer.Option(help="the corpus that holds the scan key")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 160,
     choices: Annotated[str | None, typer.Option(
         help="comma-separated answers to choose from (e.g. Male,Female): each is scored, the probabilities are "
-             "printed, instead of a generated answer")] = None,
+             "printed, instead of a generated answer. Left out: the answers the question names, as in \"Is this "
+             "subject male or female?\", \"Does this scan show ADHD: yes or no?\" or \"Sex? Female or Male\"")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Answer a question about one scan. A file is cleaned exactly as the corpus builder cleans it (confounds,
-    resampling to TR 2 s, the model's length T, per-ROI z-scoring)."""
+    resampling to TR 2 s, the model's length T, per-ROI z-scoring). Answers named by --choices or by the question
+    itself are scored as `fmrilm eval` scores a task's options and printed with their probabilities; any other
+    question gets a generated answer."""
     cfg = _load(config, set_)
     typer.echo(_guard(_ask, cfg, model, scan, corpus, question, max_new_tokens, choices))
 
@@ -260,7 +264,7 @@ def _ask(cfg: PipelineConfig, model: Path, scan: str, corpus: Path | None, quest
     from corpus_builder.readers import open_zarr, read_rois
     from corpus_builder.sources.tables import clean_file
     from fmrilm_core.errors import InputError
-    from llm_train.ask import BrainReader
+    from llm_train.ask import BrainReader, choices_in
 
     reader = BrainReader(model)
     if corpus is not None and not Path(scan).is_file():
@@ -274,8 +278,9 @@ def _ask(cfg: PipelineConfig, model: Path, scan: str, corpus: Path | None, quest
         x, labels = clean_file(Path(scan), source, reader.meta["n_rois"])
     else:
         raise InputError(f"{scan}: no such file (a scan key needs --corpus)")
-    if choices is not None:
-        scored = reader.choose(x, question, choices.split(","), labels)
+    named = choices.split(",") if choices is not None else choices_in(question)
+    if named is not None:
+        scored = reader.choose(x, question, named, labels)
         return "\n".join(f"{p:.3f}  {choice}" for choice, p in scored.items())
     return reader.ask(x, question, max_new_tokens, labels) or "(the model generated no text)"
 

@@ -2,11 +2,14 @@
 
 The scan is X [T, N], cleaned as the corpus builder cleans it (the caller reads it from a corpus or cleans a file
 with `corpus_builder.sources.tables.clean_file`); the folder's own copy of the brain tokenizer encodes it, and the
-answer is a greedy continuation of `scan + question`, in the prompt format the folder was trained with.
+answer is a greedy continuation of `scan + question`, in the prompt format the folder was trained with. A question
+that names its answers ("Is this subject male or female?", `choices_in`) is answered by scoring each of them as
+`fmrilm eval` scores a task's options (`BrainReader.choose`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,55 @@ from fmrilm_core.errors import InputError
 from llm_train.data import encode_scans
 from llm_train.evaluate import generate
 from llm_train.export import load_aligned
+
+_ALTERNATIVE = r"(?:(?:a|an|the)\s+)?[\w'-]+"  # one word, perhaps after an article
+# the text after the last ':' or '?' that has text after it, up to the closing punctuation: "…: yes or no?"
+_TAIL = re.compile(r"([:?])\s*([^:?.]*[^\s:?.!])[\s?.!]*$")
+# one-word alternatives ending the question: "… male or female?", "… a male, a female or other?"
+_ENDS_IN_OR = re.compile(rf"((?:{_ALTERNATIVE},\s*)*{_ALTERNATIVE})\s+or\s+({_ALTERNATIVE})[\s?.!]*$", re.I)
+_SEPARATOR = re.compile(r"\s*,\s*(?:or\s+)?|\s+or\s+", re.I)
+_ARTICLE = re.compile(r"^(?:a|an|the)\s+", re.I)
+# an item opening like a question is a clause, not an answer ("Note: is it male or female?", "If so, which one?")
+_CLAUSE = re.compile(r"^(?:is|are|was|were|do|does|did|can|could|will|would|should|which|what|who|how|why|if)\b",
+                     re.I)
+MAX_CHOICE_WORDS = 4  # "autism spectrum disorder" is 3; a longer item is a sentence, not an answer
+
+
+def choices_in(question: str) -> list[str] | None:
+    """The answers a question names, to be scored instead of generated; None when it names none.
+
+    Two ways of naming them are read, each giving two or more answers of at most MAX_CHOICE_WORDS words, as
+    written but for a leading article ("a male" -> "male"), none opening like a question ("is", "which", "if"):
+
+    - a list closing the question after a colon or after its question mark, joined by commas and/or "or":
+      "Does this scan show ADHD: yes or no?", "Which sex is this subject: female, male?", "Answer with one of:
+      control, ADHD.", and a task's question followed by its options, "Sex? Female or Male", "Diagnosis? no
+      diagnosis or ADHD". A list with no "or" counts after a colon only, and only in a question (ending in '?')
+      or after "one of": "Describe this scan: networks, coupling." and "Diagnosis? If so, which one?" name none.
+    - one-word alternatives (perhaps after an article) joined by commas and "or", ending the question: "Is this
+      subject male or female?", "Is it a male, a female or other?".
+
+    "Describe this scan.", "Sex?" or "Describe it in one or two sentences." name none. Alternatives inside the
+    question ("Is this scan from a male or a female participant?") are not read: name them with `--choices`.
+    """
+    q = question.strip()
+    tail = _TAIL.search(q)
+    if tail is not None:
+        separator, listed = tail.groups()
+        joined_by_or = re.search(r"\bor\b", listed, re.I) is not None
+        comma_list = separator == ":" and (q.endswith("?") or "one of" in q.lower())
+        items = _answers(_SEPARATOR.split(listed)) if joined_by_or or comma_list else None
+        if items is not None:
+            return items
+    inline = _ENDS_IN_OR.search(q)
+    return _answers([*inline.group(1).split(","), inline.group(2)]) if inline is not None else None
+
+
+def _answers(parts: list[str]) -> list[str] | None:
+    answers = list(dict.fromkeys(_ARTICLE.sub("", p.strip()) for p in parts if p.strip()))
+    if len(answers) < 2 or any(len(a.split()) > MAX_CHOICE_WORDS or _CLAUSE.match(a) for a in answers):
+        return None
+    return answers
 
 
 class BrainReader:

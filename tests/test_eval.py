@@ -403,6 +403,60 @@ def test_ask_scores_named_choices_as_eval_scores_options(corpus, model_dir):
                    "the brain is")
     assert done.exit_code == 2 and "at least two answers" in done.output
 
+    # no --choices: answers the question names are scored the same way, after the question as written
+    named = "the brain is: default network or visual?"
+    done = _fmrilm("ask", "--model", str(model_dir), "--scan", key, "--corpus", str(corpus), named)
+    assert done.exit_code == 0, done.output
+    rows = re.findall(r"([01]\.\d{3})  ([^\n\r]+)", done.output)
+    assert {c: float(p) for p, c in rows} == pytest.approx(
+        reader.choose(x, named, ["default network", "visual"]), abs=1e-3), repr(done.output)
+    # a question that names none is answered by generation, as before
+    done = _fmrilm("ask", "--model", str(model_dir), "--scan", key, "--corpus", str(corpus), "--max-new-tokens",
+                   "3", "the brain is")
+    assert done.exit_code == 0 and not re.search(r"[01]\.\d{3}  ", done.output), done.output
+    generated = reader.ask(x, "the brain is", 3) or "(the model generated no text)"
+    assert done.output.rstrip().endswith(generated), repr(done.output)  # (after the weight-loading bar's \r)
+
+
+@pytest.mark.parametrize("question, choices", [
+    ("Is this subject male or female?", ["male", "female"]),
+    ("Does this scan show ADHD: yes or no?", ["yes", "no"]),
+    ("Which sex is this subject: female, male?", ["female", "male"]),
+    ("Answer with one of: control, ADHD.", ["control", "ADHD"]),
+    ("Is it a male, a female or other?", ["male", "female", "other"]),
+    ("Diagnosis? no diagnosis, ADHD or autism spectrum disorder", ["no diagnosis", "ADHD", "autism spectrum disorder"]),
+    ("Note: is the participant male or female?", ["male", "female"]),
+    ("Yes or no?", ["Yes", "no"]),
+])
+def test_choices_are_read_from_a_question_that_names_them(question, choices):
+    from llm_train.ask import choices_in
+
+    assert choices_in(question) == choices
+
+
+@pytest.mark.parametrize("question", [
+    "Describe this scan.", "the brain is", "Age?", "Describe this scan in one or two sentences.",
+    "Does this participant have a diagnosis? If so, which one?", "Which clinical diagnosis, if any, does this scan "
+    "suggest?", "Describe this scan: networks, coupling.", "Answer with one of: control, ADHD. Be brief.",
+    "Is it yes or yes?", "What is the age of this participant, or a guess at it?",
+])
+def test_no_choices_are_read_from_a_question_that_names_none(question):
+    from llm_train.ask import choices_in
+
+    assert choices_in(question) is None
+
+
+def test_every_tasks_question_with_its_options_is_read_as_those_options():
+    from llm_train.ask import choices_in
+    from llm_train.tasks import TASKS
+
+    for task in TASKS.values():
+        assert choices_in(task.question) is None, task.name  # "Sex?" alone names no answer
+        if task.options:
+            options = list(task.options)
+            assert choices_in(f"{task.question} {' or '.join(options)}") == options, task.name
+            assert choices_in(f"{task.question.rstrip('?')}: {', '.join(options)}?") == options, task.name
+
 
 # ---- stage 3: instruction tuning --------------------------------------------------------------------------
 
