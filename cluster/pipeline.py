@@ -15,12 +15,16 @@ is cleared); one with the same key but no complete record was interrupted and co
 resumes its shards, a training stage its last checkpoint (which refuses a checkpoint of another config).
 `--from STAGE` reruns that stage and every later one from scratch, `--only STAGE` just that one; the stages
 before it are read from the workdir as they are.
+
+Stages: synth (only without corpus sources) -> corpus -> tokenizer -> align -> instruct -> eval; then the config's
+ablation variants (`cluster.ablations`), each running the four model stages on the same corpus.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -179,9 +183,66 @@ def run_llm_align(cfg: PipelineConfig, corpus: Path, tokenizer: Path, out: Path,
         return StageResult("align", out, run.run_id, summary)
 
 
+def run_llm_instruct(cfg: PipelineConfig, model: Path, corpus: Path, out: Path, tracker: Tracker,
+                     parent: StageRun | None = None, input_run_id: str | None = None) -> StageResult:
+    """Stage 3: instruction-tune the stage-2 folder `model` on the corpus's qa.json items into `out` (DeepSpeed,
+    in-process or Ray Train), the model folder logged as artifacts."""
+    from llm_train.instruct import InstructInputs, train
+
+    params = {**flatten(cfg.instruct), "workers": cfg.workers}
+    with tracker.run("instruct", parent=parent, params=params, input_run_id=input_run_id) as run:
+        save_resolved(cfg, out)
+        metrics = run_training(train, cfg.instruct, InstructInputs(model, corpus, out), workers=cfg.workers,
+                               log_fn=mlflow_logger(tracker, run.run_id), storage=out / "ray", name="instruct")
+        summary = {k.removeprefix("val/"): v for k, v in metrics.items()}
+        (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+        for item in sorted(out.iterdir()):
+            if item.name not in {"checkpoints", "ray"}:
+                run.log_artifact(item)
+        return StageResult("instruct", out, run.run_id, summary)
+
+
+def run_eval(cfg: PipelineConfig, model: Path, corpus: Path, out: Path, tracker: Tracker,
+             parent: StageRun | None = None, input_run_id: str | None = None) -> StageResult:
+    """The eval stage: the model folder `model` on the test split of `corpus`, as the config's `eval` section says
+    (the `train_n` / `tuned` fine-tuning with its `instruct` section, steps `eval.finetune_steps`), into `out`
+    (metrics.json, predictions.json, eval.json, report.html) inside an MLflow run with the figures as metrics
+    `<task>/<protocol>/<metric>` (also the summary) and the files as artifacts."""
+    from llm_train.task_eval import evaluate_tasks
+
+    ev = cfg.eval
+    tune = cfg.instruct
+    if ev.finetune_steps is not None:
+        tune = tune.model_copy(update={"steps": ev.finetune_steps, "checkpoint_every": ev.finetune_steps,
+                                       "eval_every": ev.finetune_steps})
+    params = {**flatten(ev), "model": str(model), "corpus": str(corpus), "seed": cfg.seed}
+    with tracker.run("eval", parent=parent, params=params, input_run_id=input_run_id) as run:
+        metrics = evaluate_tasks(model, corpus, out, tasks=ev.tasks, shots=tuple(ev.shots), seed=cfg.seed,
+                                 max_test=ev.max_test, examples=ev.examples, train_n=tuple(ev.train_n),
+                                 tuned=ev.tuned, instruct_cfg=tune)
+        summary = flat_metrics(metrics)
+        run.log_metrics({k: v for k, v in summary.items() if math.isfinite(v)})
+        for name in ("metrics.json", "predictions.json", "eval.json", "report.html"):
+            if (Path(out) / name).is_file():
+                run.log_artifact(Path(out) / name)
+        return StageResult("eval", Path(out), run.run_id, summary)
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    flat = {}
+    for task, entry in metrics.items():
+        for protocol, figures in entry.items():
+            if isinstance(figures, dict):
+                for name, value in figures.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        flat[f"{task}/{protocol}/{name}"] = float(value)
+    return flat
+
+
 # ---- the pipeline: skip what is done, resume what was interrupted --------------------------------------
 
-STAGES = ("synth", "corpus", "tokenizer", "align")
+STAGES = ("synth", "corpus", "tokenizer", "align", "instruct", "eval")
+MODEL_STAGES = STAGES[2:]  # what an ablation variant reruns on the same corpus
 RECORD = "stage.json"  # in a stage's output folder: written "running" when it starts, "complete" when it ends
 STATUS_TAG = "fmrilm.status"  # ran | resumed | skipped
 OUTPUT_RUN_TAG = "fmrilm.output_run_id"  # the run that produced the stage's output
@@ -257,17 +318,19 @@ def _now() -> str:
 class _Stages:
     """Runs, skips or reuses the stages of one pipeline run and collects their results."""
 
-    def __init__(self, tracker: Tracker, parent: StageRun, result: PipelineResult, modes: dict[str, str]):
+    def __init__(self, tracker: Tracker, parent: StageRun, result: PipelineResult, modes: dict[str, str],
+                 prefix: str = ""):
         self.tracker, self.parent, self.result, self.modes = tracker, parent, result, modes
+        self.prefix = prefix  # "<variant>/" for the stages of an ablation variant
 
     def __call__(self, name: str, out: Path, config: dict, inputs: dict[str, dict], primary: str | None,
                  done: Callable[[], bool], run: Callable[[str | None], StageResult],
-                 resume_point: Callable[[], int | bool | None] = lambda: None) -> dict:
+                 resume_point: Callable[[], int | bool | None] = lambda: None, mode: str | None = None) -> dict:
         """One stage: `config` and `inputs` (the records of the stages it reads; `primary` names the one its
         lineage tag points at) make its key; `done()` says whether its outputs are there; `run(input_run_id)` runs
         it; `resume_point()` says whether (from which step) an interrupted run would continue. Returns the
-        stage's record."""
-        mode = self.modes[name]
+        stage's record. `mode` overrides the stage's mode (an ablation variant's stages are always "auto")."""
+        mode = mode or self.modes[name]
         key = stage_key(name, config, inputs)
         record = read_record(out)
         input_run_id = inputs[primary]["run_id"] if primary else None
@@ -275,8 +338,8 @@ class _Stages:
             if record is None or record.get("status") != "complete":
                 raise InputError(f"{out}: the {name} stage has not completed in this workdir (run the pipeline "
                                  "without --from / --only first)")
-            self.result.stages.append(StageResult(name, out, None, record.get("summary", {}), "reused", 0.0,
-                                                  record["run_id"], stale=record.get("key") != key))
+            self.result.stages.append(StageResult(self.prefix + name, out, None, record.get("summary", {}), "reused",
+                                                  0.0, record["run_id"], stale=record.get("key") != key))
             return record
 
         started = time.monotonic()
@@ -285,7 +348,8 @@ class _Stages:
             tags = {STATUS_TAG: "skipped", OUTPUT_RUN_TAG: record["run_id"], KEY_TAG: key}
             with self.tracker.run(name, parent=self.parent, input_run_id=input_run_id, tags=tags) as skipped:
                 skipped.log_metrics(_numbers(record.get("summary", {})))
-            self.result.stages.append(StageResult(name, out, skipped.run_id, record.get("summary", {}), "skipped",
+            self.result.stages.append(StageResult(self.prefix + name, out, skipped.run_id, record.get("summary", {}),
+                                                  "skipped",
                                                   time.monotonic() - started, record["run_id"]))
             return record
 
@@ -297,6 +361,7 @@ class _Stages:
         _write_record(out, {"stage": name, "status": "running", "key": key, "started": begun, "inputs": identity,
                             "input_run_id": input_run_id})
         stage = run(input_run_id)
+        stage.name = self.prefix + stage.name
         stage.seconds = time.monotonic() - started
         stage.status = "resumed" if resumed not in (None, False) else "ran"
         stage.resumed_from = resumed if isinstance(resumed, int) and not isinstance(resumed, bool) else None
@@ -313,6 +378,50 @@ class _Stages:
         return record
 
 
+def _model_stages(stage: _Stages, cfg: PipelineConfig, root: Path, corpus: Path, records: dict[str, dict],
+                  tracker: Tracker, parent: StageRun, shared: dict[str, dict] | None = None) -> dict[str, dict]:
+    """tokenizer -> align -> instruct -> eval on the built corpus, each into root/<stage>; returns the records.
+    `shared`: the main pipeline's records, for an ablation variant: a stage whose key equals the main one's (same
+    config section, same inputs) is the main stage's output, read as it is instead of trained again."""
+    records = dict(records)
+    out = {name: root / name for name in MODEL_STAGES}
+    tokenizer, align, instruct, evaluated = (out[n] for n in MODEL_STAGES)
+    sized = with_corpus_sizes(cfg, corpus)
+    plan = {  # name: (config, inputs, primary input, done, run, resume point)
+        "tokenizer": ({"tokenizer": sized.tokenizer.model_dump(mode="json"), "workers": cfg.workers},
+                      ("corpus",), lambda: all((tokenizer / "tokenizer" / f).is_file()
+                                               for f in ("config.json", "model.safetensors")),
+                      lambda run: run_tokenizer_train(cfg, corpus, tokenizer, tracker, parent, run)),
+        "align": ({"align": cfg.align.model_dump(mode="json"), "workers": cfg.workers}, ("corpus", "tokenizer"),
+                  lambda: (align / "brain.json").is_file(),
+                  lambda run: run_llm_align(cfg, corpus, records["tokenizer"]["model"], align, tracker, parent,
+                                            run)),
+        "instruct": ({"instruct": cfg.instruct.model_dump(mode="json"), "workers": cfg.workers}, ("corpus", "align"),
+                     lambda: (instruct / "brain.json").is_file(),
+                     lambda run: run_llm_instruct(cfg, records["align"]["model"], corpus, instruct, tracker, parent,
+                                                  run)),
+        "eval": ({"eval": cfg.eval.model_dump(mode="json"), "instruct": cfg.instruct.model_dump(mode="json"),
+                  "seed": cfg.seed}, ("corpus", "instruct"),
+                 lambda: all((evaluated / f).is_file() for f in ("metrics.json", "report.html")),
+                 lambda run: run_eval(cfg, records["instruct"]["model"], corpus, evaluated, tracker, parent, run)),
+    }
+    models = {"tokenizer": tokenizer / "tokenizer", "align": align, "instruct": instruct, "eval": evaluated}
+    for name in MODEL_STAGES:
+        if stage.modes.get(name, "auto") == "omit":
+            continue
+        config, needs, done, run = plan[name]
+        inputs = {k: records[k] for k in needs}
+        primary = needs[-1]
+        if shared is not None and name in shared and shared[name]["key"] == stage_key(name, config, inputs):
+            records[name] = shared[name]  # the variant does not change this stage: the main output is its output
+            continue
+        record = stage(name, out[name], config, inputs, primary, done=done, run=run,
+                       resume_point=(lambda o=out[name]: checkpoint_step(o)) if name != "eval" else (lambda: None),
+                       mode="auto" if shared is not None else None)
+        records[name] = record | {"model": models[name]}
+    return records
+
+
 def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_progress, *,
                  from_stage: str | None = None, only: str | None = None) -> PipelineResult:
     """Run the stages the config enables, in order, under one parent MLflow run; skip those done for the same
@@ -321,6 +430,11 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_p
     workdir = Path(workdir or cfg.workdir)
     names = stage_names(cfg)
     modes = stage_modes(names, from_stage, only)
+    if cfg.ablations:  # a bad variant fails now, not after the main model has trained
+        from cluster.ablations import variant_config
+
+        for name, overrides in cfg.ablations.items():
+            variant_config(cfg, name, overrides)
     tracker = tracker_for(cfg, workdir)
     resolved = save_resolved(cfg, workdir)
     tags = {"fmrilm.from": from_stage} if from_stage else {"fmrilm.only": only} if only else {}
@@ -340,9 +454,6 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_p
             if cfg.synth.format == "nifti":  # the synthetic cohort brings its own atlas
                 cfg = cfg.model_copy(deep=True)
                 cfg.corpus.source.atlas = atlas_config(source)
-            elif cfg.synth.n_rois is not None:  # a coarser synthetic atlas: the corpus expects its ROI count
-                cfg = cfg.model_copy(deep=True)
-                cfg.corpus.source.atlas.n_rois = cfg.synth.n_rois
 
         corpus = workdir / "corpus"
         if modes["corpus"] != "omit":
@@ -358,25 +469,11 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_p
                                                        progress=progress),
                 resume_point=lambda: (corpus / "build.json").is_file() and not (corpus / "complete.json").is_file())
 
-        tokenizer = workdir / "tokenizer"
-        if modes["tokenizer"] != "omit":
-            sized = with_corpus_sizes(cfg, corpus)
-            records["tokenizer"] = stage(
-                "tokenizer", tokenizer,
-                {"tokenizer": sized.tokenizer.model_dump(mode="json"), "workers": cfg.workers},
-                {"corpus": records["corpus"]}, "corpus",
-                done=lambda: all((tokenizer / "tokenizer" / f).is_file() for f in ("config.json", "model.safetensors")),
-                run=lambda input_run: run_tokenizer_train(cfg, corpus, tokenizer, tracker, parent, input_run),
-                resume_point=lambda: checkpoint_step(tokenizer))
+        records = _model_stages(stage, cfg, workdir, corpus, records, tracker, parent)
+        if cfg.ablations and modes["eval"] != "omit":
+            from cluster.ablations import run_ablations
 
-        align = workdir / "align"
-        if modes["align"] != "omit":
-            stage("align", align, {"align": cfg.align.model_dump(mode="json"), "workers": cfg.workers},
-                  {"corpus": records["corpus"], "tokenizer": records["tokenizer"]}, "tokenizer",
-                  done=lambda: (align / "brain.json").is_file(),
-                  run=lambda input_run: run_llm_align(cfg, corpus, tokenizer / "tokenizer", align, tracker, parent,
-                                                      input_run),
-                  resume_point=lambda: checkpoint_step(align))
+            run_ablations(cfg, workdir, corpus, records, result, tracker, parent)
 
         (workdir / "pipeline.json").write_text(json.dumps(
             {"parent_run_id": parent.run_id, "tracking_uri": tracker.uri,
@@ -387,18 +484,26 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path | None = None, progress=no_p
 
 def key_metric(stage: StageResult) -> str:
     """The one figure that says how a stage went."""
-    s = stage.summary
-    if stage.name == "synth" and "scans" in s:
+    s, name = stage.summary, stage.name.rsplit("/", 1)[-1]  # an ablation variant's stages are "<variant>/<stage>"
+    if name == "synth" and "scans" in s:
         return f"{s['scans']} scans"
-    if stage.name == "corpus" and {"ok", "scans"} <= set(s):
+    if name == "corpus" and {"ok", "scans"} <= set(s):
         return f"{s['ok']}/{s['scans']} scans ok"
-    if stage.name == "tokenizer" and "reconstruction_r2" in s:
+    if name == "tokenizer" and "reconstruction_r2" in s:
         return f"val R^2 {s['reconstruction_r2']:.3f}"
-    if stage.name == "align":
+    if name == "align":
         for key, label in (("f2f_accuracy", "val F2F acc"), ("caption_fidelity", "val caption fidelity"),
                            ("t2t_perplexity_text_rows", "val T2T ppl")):
             if isinstance(s.get(key), (int, float)):
                 return f"{label} {s[key]:.3f}"
+    if name == "instruct" and isinstance(s.get("answer_loss"), (int, float)):
+        return f"val answer loss {s['answer_loss']:.3f} (before {s.get('answer_loss_before', float('nan')):.3f})"
+    if name == "eval":  # the first classification task's tuned model beside the FC baseline
+        for key, value in s.items():
+            task, protocol, metric = (key.split("/") + ["", ""])[:3]
+            baseline = s.get(f"{task}/fc_baseline/auc")
+            if metric == "auc" and protocol not in ("fc_baseline", "tokenizer_probe") and baseline is not None:
+                return f"{task} AUC {value:.3f} ({protocol}; FC baseline {baseline:.3f})"
     return ""
 
 

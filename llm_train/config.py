@@ -61,6 +61,8 @@ class LLMAlignConfig(StrictModel):
     max_caption_tokens: int = Field(256, ge=8)
     t2t_tokens: int = Field(128, ge=8, description="length of one T2T text chunk")
     batch_size: int = Field(1, ge=1, description="per-rank scans (and text chunks) per step")
+    train_subjects: float = Field(1.0, gt=0, le=1, description="share of the train split's subjects stage 2 reads "
+                                                                "(a seeded draw; < 1 for data-size ablations)")
     steps: int = Field(500, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     eval_every: int = Field(100, ge=1)
@@ -103,3 +105,25 @@ class InstructConfig(StrictModel):
     deepspeed: Path | None = Field(None, description="DeepSpeed JSON, ZeRO 0-3 (configs/deepspeed/); None = ZeRO-0")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 0
+
+
+class EvalConfig(StrictModel):
+    """`fmrilm eval` and the pipeline's eval stage (`llm_train.task_eval`): which tasks, which protocols."""
+
+    tasks: list[Literal["sex", "age", "fluid_intelligence", "ad", "adhd", "asd"]] | None = Field(
+        None, description="None = every task; those whose label the corpus lacks are skipped and reported")
+    shots: list[int] = Field(default_factory=lambda: [0, 2],
+                             description="in-context examples per prompt (0 = zero-shot), from train subjects only")
+    train_n: list[int] = Field(default_factory=list, description="few-shot fine-tuning: tune a copy of the model on "
+                                                                 "N class-balanced train subjects per task")
+    tuned: bool = Field(False, description="fully tuned: tune a copy of the model on every train scan of each task")
+    finetune_steps: int | None = Field(None, ge=1, description="steps of the train_n / tuned fine-tuning (the "
+                                                               "instruct section's other settings); None = its steps")
+    max_test: int | None = Field(None, ge=1, description="score at most this many test scans per task")
+    examples: int = Field(4, ge=0, description="test scans whose generated description the report shows")
+
+    @model_validator(mode="after")
+    def _counts(self) -> EvalConfig:
+        if any(k < 0 for k in self.shots) or any(n < 1 for n in self.train_n):
+            raise ValueError("shots must be >= 0 and train_n >= 1")
+        return self

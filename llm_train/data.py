@@ -101,10 +101,10 @@ class AlignBatches:
 
     def __init__(self, corpus: Path, split: str, brain_tokenizer: BrainTokenizer, suffix: CaptionSuffix,
                  text: TextChunks | None, *, batch_size: int, features: bool, seed: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, subjects: float = 1.0):
         c = brain_tokenizer.config
         self.scans = ScanBatches(corpus, split, batch_size, length=c.length, n_rois=c.n_rois, seed=seed, rank=rank,
-                                 world_size=world_size)
+                                 world_size=world_size, subjects=subjects)
         self.brain_tokenizer, self.suffix, self.text = brain_tokenizer, suffix, text
         self.batch_size, self.features, self.rank, self.world_size = batch_size, features, rank, world_size
 

@@ -115,6 +115,24 @@ def regression_figures(name: str, entry: dict, preds: dict) -> list[tuple[str, s
     return [(f"{name} predicted vs true", _png(fig))]
 
 
+def ablation_section(summary: dict) -> str:
+    """The ablation variants side by side (`cluster.ablations`): per task x protocol, the headline figure of each."""
+    names = list(summary)
+    rows = sorted({(task, protocol) for v in summary.values() for task, protocols in v["figures"].items()
+                   for protocol in protocols})
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    body = []
+    for task, protocol in rows:
+        metric = next((v["metrics"][task] for v in summary.values() if task in v["metrics"]), "")
+        cells = "".join(f"<td>{_fmt(summary[n]['figures'].get(task, {}).get(protocol))}</td>" for n in names)
+        body.append(f'<tr><td class="l">{html.escape(task)}</td><td class="l">{html.escape(protocol)}</td>'
+                    f'<td class="l">{metric}</td>{cells}</tr>')
+    overrides = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(', '.join(v['overrides']) or 'as configured')}"
+                        "</li>" for n, v in summary.items())
+    return (f"<h2>Ablations</h2><ul>{overrides}</ul><table id=\"ablations\"><tr><th class=\"l\">task</th>"
+            f"<th class=\"l\">protocol</th><th class=\"l\">metric</th>{head}</tr>" + "".join(body) + "</table>")
+
+
 def render(metrics: dict, predictions: dict, descriptions: list[dict], info: dict) -> str:
     import matplotlib
 
@@ -126,7 +144,9 @@ def render(metrics: dict, predictions: dict, descriptions: list[dict], info: dic
     parts.append('<table id="run">' + "".join(f'<tr><th class="l">{html.escape(k)}</th><td class="l">'
                                              f"{html.escape(str(v))}</td></tr>" for k, v in run.items()) + "</table>")
     parts.append('<p class="note">Every figure is on the test split. Protocols: zero_shot (no examples), '
-                 "k_shot_k (k train-split examples in context), train_n_n (fine-tuned on n train subjects). "
+                 "k_shot_k (k train-split examples in context), train_n_n (fine-tuned on n train subjects), tuned "
+                 "(fine-tuned on every train scan of the task); for a stage-3 model, zero_shot of a task in its "
+                 "tuning mix is the multi-task tuned figure. "
                  "fc_baseline: Fisher-z FC + logistic / ridge regression; tokenizer_probe: linear probe on the "
                  "frozen stage-1 features; both with the regularisation chosen by CV on the train split.</p>")
     skipped = {k: v["skipped"] for k, v in metrics.items() if "skipped" in v}
@@ -143,6 +163,8 @@ def render(metrics: dict, predictions: dict, descriptions: list[dict], info: dic
         parts.append('<h2>Skipped tasks</h2><table id="skipped"><tr><th class="l">task</th><th class="l">why</th></tr>'
                      + "".join(f'<tr><td class="l">{html.escape(k)}</td><td class="l">{html.escape(v)}</td></tr>'
                                for k, v in skipped.items()) + "</table>")
+    if info.get("ablations"):
+        parts.append(ablation_section(info["ablations"]))
     if descriptions:
         parts.append('<h2>Generated descriptions</h2><table id="descriptions"><tr><th class="l">scan</th>'
                      '<th class="l">generated</th><th class="l">true caption</th></tr>'

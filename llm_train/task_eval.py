@@ -3,21 +3,23 @@
     metrics = evaluate_tasks(model_dir, corpus, out, tasks=None, shots=(0, 2))
 
 Writes (DESIGN 3.8):
-    OUT/metrics.json      task -> protocol (`zero_shot`, `k_shot_<k>`, `train_n_<n>`) -> metric, and beside them
-                          `fc_baseline` and `tokenizer_probe` on the same test scans; a skipped task is
+    OUT/metrics.json      task -> protocol (`zero_shot`, `k_shot_<k>`, `train_n_<n>`, `tuned`) -> metric, and
+                          beside them `fc_baseline` and `tokenizer_probe` on the same test scans; a skipped task is
                           {"skipped": reason}
     OUT/predictions.json  every test scan's label and prediction per task and protocol (what the figures show)
     OUT/eval.json         the run: model, corpus, atlas, shots asked, the train scans used as examples per task and k,
-                          and the fine-tuning sets of `train_n`
-    OUT/train_n/          the folders fine-tuned for `train_n_<n>`
+                          and the fine-tuning sets per task and protocol
+    OUT/fine_tuned/       the folders fine-tuned for `train_n_<n>` and `tuned`
     OUT/report.html       self-contained report (`llm_train.report`)
 
 Protocols built here: `zero_shot` (no examples: with a stage-2 folder this is the aligned model asked directly) and
 `k_shot_<k>` (k examples in context, drawn from the TRAIN split only, class-balanced for a classification; the test
 scan's subject can never be among them, and a draw that would hold a test subject raises), and `train_n_<n>` (the
 paper's few-shot: the folder instruction-tuned on the task's question for n class-balanced train subjects, one scan
-each, drawn like the in-context examples, then asked with no examples). Not built: a `tuned` protocol (a stage-3
-folder of `fmrilm llm instruct` is scored as zero-shot / k-shot; `in_tuning_mix` says whether its task was tuned).
+each, drawn like the in-context examples, then asked with no examples) and `tuned` (the same on every labelled train
+scan of the task: single-task full tuning). A stage-3 folder of `fmrilm llm instruct` is itself multi-task tuned:
+its `zero_shot` figure is the multi-task figure for a task in its tuning mix (`in_tuning_mix`), and a true zero-shot
+one for a task left out of it.
 
 Everything is scored on the scans of the test split (subject-level splits: no test subject has a train scan).
 """
@@ -173,11 +175,13 @@ def fine_tune_on(model_dir: Path, corpus: Path, out: Path, data: TaskData, keys:
 def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str] | None = None,
                    shots: tuple[int, ...] = (0,), seed: int = 0, max_test: int | None = None, batch_size: int = 8,
                    examples: int = 4, max_new_tokens: int = 96, device: str | None = None,
-                   report: bool = True, train_n: tuple[int, ...] = (), instruct_cfg=None) -> dict:
+                   report: bool = True, train_n: tuple[int, ...] = (), tuned: bool = False,
+                   instruct_cfg=None) -> dict:
     """Score the model folder and the baselines on the test split; write OUT (see the module doc); return the
     metrics. `max_test` caps the test scans per task (a seeded subset, for quick runs). `train_n`: for each N, the
     folder fine-tuned on N class-balanced train subjects (one scan each) with `instruct_cfg` (an InstructConfig;
-    None = 20 steps), scored zero-shot as `train_n_<N>`; the tuned folders land in OUT/train_n/."""
+    None = 20 steps), scored zero-shot as `train_n_<N>`; `tuned`: the same on every labelled train scan of the
+    task, scored as `tuned`. The fine-tuned folders land in OUT/fine_tuned/."""
     model_dir, corpus, out = Path(model_dir), Path(corpus), Path(out)
     shots = tuple(sorted(set(int(k) for k in shots)))
     if any(k < 0 for k in shots):
@@ -229,17 +233,18 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
             entry[name], preds_k = score_task(model, tokenizer, fmt, data, test_keys, y_test, cache, examples_k,
                                               batch_size, device)
             preds.update({name + suffix: v for suffix, v in preds_k.items()})
-        for n in train_n:
-            chosen = choose_shots(data, train_pheno, test_subjects, n, seed)
-            used_train_n.setdefault(task.name, {})[str(n)] = chosen
-            tuned_dir = fine_tune_on(model_dir, corpus, out / "train_n" / f"{task.name}_{n}", data, chosen,
+        fine_tunes = {f"train_n_{n}": choose_shots(data, train_pheno, test_subjects, n, seed) for n in train_n}
+        if tuned:  # fully tuned: every train scan that has the task's label
+            fine_tunes["tuned"] = sorted(data.train.index)
+        for name, chosen in fine_tunes.items():
+            used_train_n.setdefault(task.name, {})[name] = chosen
+            tuned_dir = fine_tune_on(model_dir, corpus, out / "fine_tuned" / f"{task.name}_{name}", data, chosen,
                                      instruct_cfg, fmt)
-            tuned, tuned_tok, _, tuned_meta = load_aligned(tuned_dir, device)
-            name = f"train_n_{n}"
-            entry[name], preds_n = score_task(tuned, tuned_tok, tuned_meta.get("prompt_format", "plain"), data,
+            tuned_model, tuned_tok, _, tuned_meta = load_aligned(tuned_dir, device)
+            entry[name], preds_n = score_task(tuned_model, tuned_tok, tuned_meta.get("prompt_format", "plain"), data,
                                               test_keys, y_test, cache, [], batch_size, device)
             preds.update({name + suffix: v for suffix, v in preds_n.items()})
-            del tuned
+            del tuned_model
         train_keys = sorted(data.train.index)
         groups = train_pheno.loc[train_keys, "subject"].astype(str).to_numpy()
         y_train = data.train[train_keys].to_numpy()
@@ -260,7 +265,7 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
     info = {"model": str(model_dir.resolve()), "corpus": str(corpus), "stage": meta.get("stage"),
             "atlas": meta.get("atlas"), "shots": list(shots), "seed": seed, "max_test": max_test,
             "prompt_format": fmt, "in_context_examples": used_shots,
-            "train_n": list(train_n), "fine_tuning_sets": used_train_n,
+            "train_n": list(train_n), "tuned": tuned, "fine_tuning_sets": used_train_n,
             "test_subjects": len(test_subjects), "test_scans": len(test_pheno)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default) + "\n")

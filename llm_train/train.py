@@ -139,7 +139,8 @@ def train(cfg: LLMAlignConfig, inputs: AlignInputs, runtime: Runtime) -> dict:
     text = TextChunks(tokenizer, cfg.text_corpus, cfg.t2t_tokens, cfg.seed) if cfg.objectives.t2t > 0 else None
     heldout = held_out_text(cfg.text_corpus)[: cfg.eval.t2t_docs]
     train_data = AlignBatches(corpus, "train", brain_tokenizer, suffix, text, batch_size=cfg.batch_size,
-                              features=features, seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size)
+                              features=features, seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size,
+                              subjects=cfg.train_subjects)
     val_data = AlignBatches(corpus, "val", brain_tokenizer, suffix, None, batch_size=cfg.batch_size,
                             features=features, seed=cfg.seed)
     reference = ValidationSet(cfg, train_data, val_data, tokenizer, heldout, n_text)

@@ -9,15 +9,18 @@ import pytest
 from cluster.config import load_config
 from fmrilm_core.runtime import LocalRuntime
 
-# A small but real pipeline: 6 subjects, 12 ROIs, short scans, T = 32.
-TINY = ["synth.subjects=6", "synth.length_scale=0.3", "synth.datasets=[UKB,ABCD]",
-        "corpus.source.cleaning.length=32", "corpus.splits.fractions=[0.5,0.5,0.0]",
+# A small but real pipeline: 8 subjects (so train, val and test each get one: splits deal subjects out per
+# dataset and diagnosis), 12 ROIs, short scans, T = 32.
+TINY = ["synth.subjects=8", "synth.length_scale=0.3", "synth.datasets=[UKB,ABCD]",
+        "corpus.source.cleaning.length=32", "corpus.splits.fractions=[0.5,0.25,0.25]",
         "tokenizer.model={length: 32, patch: 8, dim: 16, depth: 1, heads: 2, codebook_size: 32, code_dim: 8, "
         "llm_dim: 16, decoder_depth: 1}", "tokenizer.batch_size=2", "tokenizer.steps=2", "tokenizer.eval_every=2",
         "tokenizer.checkpoint_every=2", "tokenizer.text.text_batch=32", "tokenizer.deepspeed=null",
         "synth.n_rois=12", "align.batch_size=2", "align.steps=2", "align.eval_every=2", "align.checkpoint_every=2",
         "align.max_caption_tokens=48", "align.t2t_tokens=16",
-        "align.eval={scans: 4, caption_scans: 2, max_new_tokens: 4, t2t_docs: 2}"]
+        "align.eval={scans: 4, caption_scans: 2, max_new_tokens: 4, t2t_docs: 2}",
+        "instruct={batch_size: 2, steps: 2, checkpoint_every: 2, eval_every: 2, eval_items: 2, max_tokens: 32}",
+        "eval={shots: [0], examples: 1, max_test: 4}"]
 
 
 def tiny_sets(llm_dir: Path) -> list[str]:

@@ -375,7 +375,7 @@ def test_eval_command_prints_the_table_and_refuses_bad_input_in_one_line(corpus,
     assert len(done.output.strip().splitlines()) == 1  # refused before any model is loaded
 
     done = _fmrilm(*base, "--out", str(tmp_path / "E4"), "--tasks", "iq")
-    assert done.exit_code == 2 and "unknown task" in done.output
+    assert done.exit_code == 2 and "eval.tasks" in done.output and "'iq'" in done.output
 
 
 def test_ask_scores_named_choices_as_eval_scores_options(corpus, model_dir):
@@ -533,20 +533,23 @@ def test_instruct_trains_saves_a_stock_folder_and_eval_reads_it_in_chat_format(c
     AutoModelForCausalLM.from_pretrained(tmp_path / "llm3_lora")
 
 
-def test_train_n_fine_tunes_on_n_balanced_train_subjects_only(corpus, model_dir, tmp_path):
+def test_train_n_and_tuned_fine_tune_on_train_subjects_only(corpus, model_dir, tmp_path):
     from llm_train.config import InstructConfig
     from llm_train.task_eval import evaluate_tasks
 
     cfg = InstructConfig.model_validate({"steps": 2, "batch_size": 2, "checkpoint_every": 2, "eval_every": 2,
                                          "eval_items": 2, "max_tokens": 32})
     out = tmp_path / "E"
-    metrics = evaluate_tasks(model_dir, corpus, out, tasks=["sex"], shots=(0,), train_n=(2,), instruct_cfg=cfg,
-                             max_test=4, examples=0, device="cpu")
-    assert {"zero_shot", "train_n_2", "fc_baseline", "tokenizer_probe"} <= set(metrics["sex"])
+    metrics = evaluate_tasks(model_dir, corpus, out, tasks=["sex"], shots=(0,), train_n=(2,), tuned=True,
+                             instruct_cfg=cfg, max_test=4, examples=0, device="cpu")
+    assert {"zero_shot", "train_n_2", "tuned", "fc_baseline", "tokenizer_probe"} <= set(metrics["sex"])
     info = json.loads((out / "eval.json").read_text())
-    keys = info["fine_tuning_sets"]["sex"]["2"]
+    keys = info["fine_tuning_sets"]["sex"]["train_n_2"]
     train, test = read_phenotypes(corpus, "train"), read_phenotypes(corpus, "test")
     assert set(keys) <= set(train.index) and not set(train.loc[keys, "subject"]) & set(test["subject"])
     assert sorted(train.loc[keys, "sex"]) == ["F", "M"]  # class-balanced
-    assert json.loads((out / "train_n" / "sex_2" / "brain.json").read_text())["stage"] == "instruct"
-    assert "train_n_2" in (out / "report.html").read_text()
+    every = info["fine_tuning_sets"]["sex"]["tuned"]  # fully tuned: every labelled train scan, no test subject
+    assert every == sorted(train.index[train["sex"].notna()])
+    for name in ("train_n_2", "tuned"):
+        assert json.loads((out / "fine_tuned" / f"sex_{name}" / "brain.json").read_text())["stage"] == "instruct"
+        assert name in (out / "report.html").read_text()

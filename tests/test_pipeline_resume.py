@@ -32,8 +32,10 @@ from tests.conftest import tiny_sets
 ROOT = Path(__file__).parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 FMRILM = str(Path(sys.executable).parent / "fmrilm")
-FOLDERS = {"synth": "source", "corpus": "corpus", "tokenizer": "tokenizer", "align": "align"}
-LINEAGE = {"corpus": "synth", "tokenizer": "corpus", "align": "tokenizer"}  # whose run a stage's input comes from
+FOLDERS = {"synth": "source", "corpus": "corpus", "tokenizer": "tokenizer", "align": "align", "instruct": "instruct",
+           "eval": "eval"}
+LINEAGE = {"corpus": "synth", "tokenizer": "corpus", "align": "tokenizer", "instruct": "align",
+           "eval": "instruct"}  # whose run a stage's input comes from
 
 
 def statuses(result: PipelineResult) -> dict[str, str]:
@@ -88,7 +90,7 @@ def test_cli_refuses_an_unknown_stage_in_one_line(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: --only nope: not a stage of this config (stages: synth, corpus, tokenizer, align)"]
+        "error: --only nope: not a stage of this config (stages: synth, corpus, tokenizer, align, instruct, eval)"]
     assert not (tmp_path / "w").exists()  # refused before anything was written
 
 
@@ -120,7 +122,7 @@ def test_second_run_over_a_finished_workdir_skips_every_stage(tiny_pipeline, tin
     assert produced["align"]["input_run_id"] == first_runs["tokenizer"]
     assert produced["align"]["inputs"]["corpus"]["run_id"] == first_runs["corpus"]
     assert client.get_run(first_runs["align"]).data.tags[KEY_TAG] == produced["align"]["key"]
-    assert client.get_run(result.stages[1].run_id).data.metrics["ok"] == 6  # the record's figures travel along
+    assert client.get_run(result.stages[1].run_id).data.metrics["ok"] == 8  # the record's figures travel along
 
 
 def test_cli_prints_one_summary_table(tiny_pipeline, tiny_llm_dir):
@@ -132,9 +134,11 @@ def test_cli_prints_one_summary_table(tiny_pipeline, tiny_llm_dir):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["stage", "status"])
-    table = [line.split() for line in lines[header + 1: header + 5]]
+    table = [line.split() for line in lines[header + 1: header + 7]]
     assert [row[:2] for row in table] == [[name, "skipped"] for name in FOLDERS]
-    assert table[1][4] == "6/6" and table[2][4:6] == ["val", "R^2"] and table[3][4:6] == ["val", "F2F"]
+    assert table[1][4] == "8/8" and table[2][4:6] == ["val", "R^2"] and table[3][4:6] == ["val", "F2F"]
+    assert table[4][4:7] == ["val", "answer", "loss"]
+    assert "eval (test split)" in proc.stdout and "fc_baseline" in proc.stdout  # the eval stage's table follows
 
 
 # ---- on a workdir of their own (slow: a full tiny pipeline, then partial reruns) ---------------------------
@@ -160,7 +164,8 @@ def test_a_changed_key_reruns_its_stage_and_the_later_ones_only(finished):
     sets, work = finished
     before = records(work)
     result = run_pipeline(load_config(DEMO, sets + ["align.optim.lr=2.0e-3"]), work)
-    assert statuses(result) == {"synth": "skipped", "corpus": "skipped", "tokenizer": "skipped", "align": "ran"}
+    assert statuses(result) == {"synth": "skipped", "corpus": "skipped", "tokenizer": "skipped", "align": "ran",
+                                "instruct": "ran", "eval": "ran"}
     after = records(work)
     assert {k: after[k] for k in ("synth", "corpus", "tokenizer")} == {k: before[k] for k in ("synth", "corpus",
                                                                                                "tokenizer")}
@@ -194,7 +199,8 @@ def test_an_interrupted_training_stage_resumes_and_only_reruns_one_stage(finishe
     assert not (work / "tokenizer" / "tokenizer").exists()
 
     resumed = run_pipeline(cfg, work)
-    assert statuses(resumed) == {"synth": "skipped", "corpus": "skipped", "tokenizer": "resumed", "align": "ran"}
+    assert statuses(resumed) == {"synth": "skipped", "corpus": "skipped", "tokenizer": "resumed", "align": "ran",
+                                 "instruct": "ran", "eval": "ran"}
     tokenizer, align = resumed.stages[2], resumed.stages[3]
     assert tokenizer.resumed_from == 2 and "resumed from step 2" in summary_table(resumed)
     client = MlflowClient(resumed.tracking_uri)

@@ -6,7 +6,7 @@ import pandas as pd
 def test_no_raw_subject_id_in_any_output(tiny_pipeline):
     _, result, work = tiny_pipeline
     raw_ids = pd.read_csv(work / "source" / "participants.tsv", sep="\t")["participant_id"].str.removeprefix("sub-")
-    assert len(raw_ids) == 6
+    assert len(raw_ids) == 8
     corpus = work / "corpus"
     outputs = [p for p in corpus.rglob("*") if p.is_file()]
     outputs += [work / "mlflow.db"] + [p for p in (work / "mlartifacts").rglob("*") if p.is_file()]

@@ -21,21 +21,21 @@ def test_pipeline_records_parent_children_params_and_lineage(tiny_pipeline):
     assert result.tracking_uri == f"sqlite:///{work.resolve() / 'mlflow.db'}"
     client = MlflowClient(result.tracking_uri)
     runs = runs_by_name(client)
-    assert set(runs) == {"pipeline", "synth", "corpus", "tokenizer", "align"}
+    assert set(runs) == {"pipeline", "synth", "corpus", "tokenizer", "align", "instruct", "eval"}
     parent = runs["pipeline"]
     assert parent.info.run_id == result.run_id and parent.info.status == "FINISHED"
     assert PARENT_TAG not in parent.data.tags
-    for child in ("synth", "corpus", "tokenizer", "align"):
+    for child in ("synth", "corpus", "tokenizer", "align", "instruct", "eval"):
         assert runs[child].data.tags[PARENT_TAG] == parent.info.run_id
         assert runs[child].info.status == "FINISHED"
     # flattened config as params, --set overrides included
     assert parent.data.params["synth.seed"] == "11"
     assert parent.data.params["corpus.source.cleaning.length"] == "32"
-    assert runs["synth"].data.params["subjects"] == "6"
+    assert runs["synth"].data.params["subjects"] == "8"
     assert runs["corpus"].data.params["source.cleaning.tr"] == "2.0"
     # lineage: the timeseries stage names the run that produced its input
     assert runs["corpus"].data.tags[INPUT_RUN_TAG] == runs["synth"].info.run_id
-    assert runs["corpus"].data.metrics["ok"] == 6
+    assert runs["corpus"].data.metrics["ok"] == 8
     assert runs["tokenizer"].data.tags[INPUT_RUN_TAG] == runs["corpus"].info.run_id
     assert runs["tokenizer"].data.params["model.dim"] == "16"
     assert "val/reconstruction_r2" in runs["tokenizer"].data.metrics
@@ -46,6 +46,12 @@ def test_pipeline_records_parent_children_params_and_lineage(tiny_pipeline):
     assert "val/f2f_accuracy" in runs["align"].data.metrics
     assert {"brain.json", "metrics.json", "brain_tokenizer"} <= {
         a.path for a in client.list_artifacts(runs["align"].info.run_id)}
+    # stage 3 tunes the aligned folder, the eval stage scores the tuned one; both keep their outputs as artifacts
+    assert runs["instruct"].data.tags[INPUT_RUN_TAG] == runs["align"].info.run_id
+    assert runs["eval"].data.tags[INPUT_RUN_TAG] == runs["instruct"].info.run_id
+    assert "val/answer_loss" in runs["instruct"].data.metrics
+    assert {"brain.json", "metrics.json"} <= {a.path for a in client.list_artifacts(runs["instruct"].info.run_id)}
+    assert {"metrics.json", "report.html"} <= {a.path for a in client.list_artifacts(runs["eval"].info.run_id)}
     artifacts = {a.path for a in client.list_artifacts(runs["corpus"].info.run_id)}
     assert {"norms.json", "summary.json", "rois.tsv", "reference.npz", "config.resolved.yaml"} <= artifacts
     # the resolved config sits next to every output

@@ -12,17 +12,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corpus_builder.readers import ZarrCorpus, read_captions, split_keys
+from corpus_builder.readers import ZarrCorpus, read_captions, read_manifest, split_keys
 from fmrilm_core.errors import InputError
+
+
+def subject_share(corpus: str | Path, keys: list[str], share: float, seed: int) -> list[str]:
+    """The scans among `keys` of a seeded `share` of their subjects (at least one subject), in key order."""
+    subject = read_manifest(corpus).set_index("key")["subject"]
+    subjects = sorted({subject[k] for k in keys})
+    n = max(1, round(share * len(subjects)))
+    kept = set(np.random.default_rng([seed, 11]).permutation(subjects)[:n])
+    return [k for k in keys if subject[k] in kept]
 
 
 class ScanBatches:
     def __init__(self, corpus: str | Path, split: str, batch_size: int, *, length: int, n_rois: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, subjects: float = 1.0):
+        """`subjects`: the share of the split's subjects whose scans are used (a seeded draw, at least one
+        subject; 1.0 = all), for ablations on the amount of data."""
         self.corpus = ZarrCorpus(corpus)
         self.keys = split_keys(corpus, split)
         if not self.keys:
             raise InputError(f"{corpus}: the {split} split has no usable scan")
+        if subjects < 1.0:
+            self.keys = subject_share(corpus, self.keys, subjects, seed)
         t, n = self.corpus.shape[1:]
         if (t, n) != (length, n_rois):
             raise InputError(f"{corpus}: scans are T={t} x N={n}, the tokenizer config expects T={length} x N={n_rois}")

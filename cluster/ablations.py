@@ -1,0 +1,107 @@
+"""Ablations (config `ablations`): named variants of the config whose model stages (tokenizer, align, instruct,
+eval) run on the main pipeline's corpus into `<workdir>/ablations/<name>/`, reported beside the main model.
+
+    ablations:
+      no_descriptors: [tokenizer.loss.contrastive=0, align.objectives.f2t=0]   # the paper's "w/o descriptors"
+      full_finetuning: [align.lora.enabled=false, instruct.lora.enabled=false]   # LoRA vs full
+      stage2_half_data: [align.train_subjects=0.5]                                # the share of stage-2 data
+
+Each override is a `--set` item. A variant's stage whose config and inputs equal the main pipeline's is not trained
+again (the main output is its output: `full_finetuning` above reuses the main tokenizer); its other stages skip and
+resume like the main ones. Writes `<workdir>/ablations.json` (per variant and for `main`: its overrides and the
+headline figure of every task x protocol, AUC for a classification and MAE for a regression, baselines included),
+adds an "Ablations" table to the main eval report, and logs the figures to the parent MLflow run as
+`ablation/<variant>/<task>/<protocol>/<metric>`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from cluster.config import ConfigError, PipelineConfig, apply_overrides
+from cluster.tracking import StageRun, Tracker
+
+HEADLINE = {"classification": "auc", "regression": "mae"}
+
+
+def variant_config(cfg: PipelineConfig, name: str, overrides: list[str]) -> PipelineConfig:
+    """The main config with a variant's overrides; one-line ConfigError naming the variant when they do not hold."""
+    data = cfg.model_dump(mode="json") | {"ablations": {}}
+    try:
+        return PipelineConfig.model_validate(apply_overrides(data, list(overrides)))
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        problem = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(f"ablations.{name}: {key}: {problem}") from None
+    except ConfigError as err:
+        raise ConfigError(f"ablations.{name}: {err}") from None
+
+
+def headline(metrics: dict) -> dict[str, dict[str, float]]:
+    """task -> protocol -> its headline figure (AUC / MAE), baselines included; skipped tasks left out."""
+    out: dict[str, dict[str, float]] = {}
+    for task, entry in metrics.items():
+        if "skipped" in entry:
+            continue
+        metric = HEADLINE[entry["kind"]]
+        out[task] = {protocol: float(figures[metric]) for protocol, figures in entry.items()
+                     if isinstance(figures, dict) and metric in figures}
+    return out
+
+
+def ablation_table(summary: dict) -> str:
+    """The terminal table: one line per task x protocol, one column per variant (`main` first)."""
+    names = list(summary)
+    rows = sorted({(task, protocol) for v in summary.values() for task, protocols in v["figures"].items()
+                   for protocol in protocols})
+    lines = [f"{'task':<20}{'protocol':<18}{'metric':<7}" + "".join(f"{n[:18]:>20}" for n in names)]
+    for task, protocol in rows:
+        cells, metric = [], ""
+        for name in names:
+            value = summary[name]["figures"].get(task, {}).get(protocol)
+            metric = metric or summary[name]["metrics"].get(task, "")
+            cells.append(f"{'':>20}" if value is None else f"{value:>20.3f}")
+        lines.append(f"{task:<20}{protocol:<18}{metric:<7}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def run_ablations(cfg: PipelineConfig, workdir: Path, corpus: Path, main: dict[str, dict], result,
+                  tracker: Tracker, parent: StageRun) -> dict:
+    """Every variant of `cfg.ablations` through the model stages (see the module doc); returns the summary written
+    to `<workdir>/ablations.json`."""
+    from cluster.pipeline import MODEL_STAGES, _model_stages, _Stages
+
+    variants = {name: variant_config(cfg, name, overrides) for name, overrides in cfg.ablations.items()}
+    evaluated = {"main": (main["eval"]["model"], [])}
+    for name, variant in variants.items():
+        stage = _Stages(tracker, parent, result, dict.fromkeys(MODEL_STAGES, "auto"), prefix=f"{name}/")
+        records = _model_stages(stage, variant, workdir / "ablations" / name, corpus, {"corpus": main["corpus"]},
+                                tracker, parent, shared=main)
+        evaluated[name] = (records["eval"]["model"], list(cfg.ablations[name]))
+    summary = {}
+    for name, (folder, overrides) in evaluated.items():
+        metrics = json.loads((Path(folder) / "metrics.json").read_text())
+        summary[name] = {"overrides": overrides, "eval": str(folder), "figures": headline(metrics),
+                         "metrics": {t: HEADLINE[e["kind"]] for t, e in metrics.items() if "skipped" not in e}}
+    (Path(workdir) / "ablations.json").write_text(json.dumps(summary, indent=1))
+    parent.log_metrics({f"ablation/{name}/{task}/{protocol}/{summary[name]['metrics'][task]}": value
+                        for name in summary for task, protocols in summary[name]["figures"].items()
+                        for protocol, value in protocols.items() if math.isfinite(value)})
+    parent.log_artifact(Path(workdir) / "ablations.json")
+    _add_to_report(Path(main["eval"]["model"]), summary)
+    return summary
+
+
+def _add_to_report(eval_dir: Path, summary: dict) -> None:
+    """Re-render the main eval report with the ablation table (from the files the eval stage wrote)."""
+    from llm_train.report import write_report
+
+    info = json.loads((eval_dir / "eval.json").read_text())
+    write_report(eval_dir / "report.html", json.loads((eval_dir / "metrics.json").read_text()),
+                 json.loads((eval_dir / "predictions.json").read_text()), info.pop("descriptions", []),
+                 info | {"ablations": summary})
