@@ -2,6 +2,7 @@
 evaluation tests' tiny models: the stage-2 folder loads partitioned, full and LoRA tuning train, the saved folder
 is complete and holds what the engine held, and a killed run resumes to the uninterrupted run's result."""
 
+# ruff: noqa: F811
 from __future__ import annotations
 
 import json
@@ -16,16 +17,13 @@ from llm_train import instruct
 from llm_train.config import InstructConfig, LLMAlignConfig
 from llm_train.export import load_aligned
 from llm_train.instruct import ChatFormat, InstructBatches, InstructInputs, answer_loss
-from tests import test_eval as eval_tests
 from tests.conftest import StopAfter
 
-ZERO3 = Path(__file__).parents[1] / "configs" / "deepspeed" / "zero3.json"
+# the evaluation tests' 32-subject cohort and the tiny Llama aligned on it: pytest finds fixtures by name, so the
+# test functions' `corpus` and `model_dir` arguments are these (ruff reads that as a redefinition: F811)
+from tests.test_eval import corpus, model_dir  # noqa: F401
 
-# the evaluation tests' 32-subject cohort (train, val, test) and a tiny Llama aligned on it (full fine-tuning); the
-# names not found there come from tests/conftest.py, where these fixtures are moving
-for _name in ("corpus", "llm_dir", "model_dir"):
-    if hasattr(eval_tests, _name):
-        globals()[_name] = getattr(eval_tests, _name)
+ZERO3 = Path(__file__).parents[1] / "configs" / "deepspeed" / "zero3.json"
 
 
 def zero3_cfg(**extra) -> InstructConfig:
