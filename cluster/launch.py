@@ -29,7 +29,7 @@ class RayTrainRuntime(LocalRuntime):
     def __init__(self, log_fn: Callable[[dict[str, float], int], None] | None):
         import ray.train
 
-        super().__init__(Path(tempfile.mkdtemp(prefix="fmrilm-ckpt-")), log_fn, progress_fn=_reporter)
+        super().__init__(Path(tempfile.mkdtemp(prefix="fmrilm-ckpt-")), log_fn, progress_fn=step_reporter)
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -48,7 +48,7 @@ class RayTrainRuntime(LocalRuntime):
         return Path(checkpoint.to_directory()) if checkpoint is not None else None
 
 
-def _reporter(stage: str, total: int, start: int, rank: int):
+def step_reporter(stage: str, total: int, start: int, rank: int):
     from cluster.progress import StepReporter
 
     return StepReporter(stage, total=total, start=start, rank=rank)
@@ -76,7 +76,7 @@ def run_training(train_fn, cfg, inputs, *, workers: int, log_fn, storage: Path, 
     """Run `train_fn(cfg, inputs, runtime)` in-process (workers == 0; checkpoints in `inputs.out/checkpoints`) or
     on `workers` Ray Train workers (a failed worker group restarts from the last checkpoint, `max_failures` times)."""
     if workers == 0:
-        return train_fn(cfg, inputs, LocalRuntime(Path(inputs.out) / "checkpoints", log_fn, progress_fn=_reporter))
+        return train_fn(cfg, inputs, LocalRuntime(Path(inputs.out) / "checkpoints", log_fn, progress_fn=step_reporter))
 
     import ray
     import torch

@@ -208,6 +208,7 @@ def run_eval(cfg: PipelineConfig, model: Path, corpus: Path, out: Path, tracker:
     (the `train_n` / `tuned` fine-tuning with its `instruct` section, steps `eval.finetune_steps`), into `out`
     (metrics.json, predictions.json, eval.json, report.html) inside an MLflow run with the figures as metrics
     `<task>/<protocol>/<metric>` (also the summary) and the files as artifacts."""
+    from cluster.launch import step_reporter
     from llm_train.task_eval import evaluate_tasks
 
     ev = cfg.eval
@@ -219,7 +220,7 @@ def run_eval(cfg: PipelineConfig, model: Path, corpus: Path, out: Path, tracker:
     with tracker.run("eval", parent=parent, params=params, input_run_id=input_run_id) as run:
         metrics = evaluate_tasks(model, corpus, out, tasks=ev.tasks, shots=tuple(ev.shots), seed=cfg.seed,
                                  max_test=ev.max_test, examples=ev.examples, train_n=tuple(ev.train_n),
-                                 tuned=ev.tuned, instruct_cfg=tune)
+                                 tuned=ev.tuned, instruct_cfg=tune, progress_fn=step_reporter)
         summary = flat_metrics(metrics)
         run.log_metrics({k: v for k, v in summary.items() if math.isfinite(v)})
         for name in ("metrics.json", "predictions.json", "eval.json", "report.html"):

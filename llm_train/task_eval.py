@@ -157,9 +157,10 @@ def score_task(model, tokenizer, fmt: str, data: TaskData, test_keys: list[str],
     return regression_metrics(y_test, values), {"": values, "_text": texts}
 
 
-def fine_tune_on(model_dir: Path, corpus: Path, out: Path, data: TaskData, keys: list[str], cfg, fmt: str) -> Path:
+def fine_tune_on(model_dir: Path, corpus: Path, out: Path, data: TaskData, keys: list[str], cfg, fmt: str,
+                 progress_fn=None) -> Path:
     """The paper's few-shot protocol: instruction-tune the folder on the task's question for the N train scans
-    `keys` only (`llm_train.instruct`, in-process), into `out`."""
+    `keys` only (`llm_train.instruct`, in-process, its steps reported through `progress_fn`), into `out`."""
     from fmrilm_core.runtime import LocalRuntime
     from llm_train.config import InstructConfig
     from llm_train.instruct import InstructInputs
@@ -168,7 +169,10 @@ def fine_tune_on(model_dir: Path, corpus: Path, out: Path, data: TaskData, keys:
     cfg = cfg if cfg is not None else InstructConfig(steps=20, checkpoint_every=20, eval_every=20, eval_items=4)
     items = tuple((key, ({"role": "user", "content": data.task.question},
                          {"role": "assistant", "content": answer_text(data, data.train[key])})) for key in keys)
-    train_instruct(cfg, InstructInputs(model_dir, corpus, out, items=items), LocalRuntime(out / "checkpoints"))
+    labelled = None if progress_fn is None else (  # "eval sex_train_n_2: fine-tuning steps  12/40 ..."
+        lambda stage, total, start, rank: progress_fn(f"eval {out.name}: fine-tuning steps", total, start, rank))
+    train_instruct(cfg, InstructInputs(model_dir, corpus, out, items=items),
+                   LocalRuntime(out / "checkpoints", progress_fn=labelled))
     return out
 
 
@@ -176,12 +180,13 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
                    shots: tuple[int, ...] = (0,), seed: int = 0, max_test: int | None = None, batch_size: int = 8,
                    examples: int = 4, max_new_tokens: int = 96, device: str | None = None,
                    report: bool = True, train_n: tuple[int, ...] = (), tuned: bool = False,
-                   instruct_cfg=None) -> dict:
+                   instruct_cfg=None, progress_fn=None) -> dict:
     """Score the model folder and the baselines on the test split; write OUT (see the module doc); return the
     metrics. `max_test` caps the test scans per task (a seeded subset, for quick runs). `train_n`: for each N, the
     folder fine-tuned on N class-balanced train subjects (one scan each) with `instruct_cfg` (an InstructConfig;
     None = 20 steps), scored zero-shot as `train_n_<N>`; `tuned`: the same on every labelled train scan of the
-    task, scored as `tuned`. The fine-tuned folders land in OUT/fine_tuned/."""
+    task, scored as `tuned`. The fine-tuned folders land in OUT/fine_tuned/; their training steps are reported
+    through `progress_fn(stage, total, start, rank)` (the runtime's progress hook; silent without one)."""
     model_dir, corpus, out = Path(model_dir), Path(corpus), Path(out)
     shots = tuple(sorted(set(int(k) for k in shots)))
     if any(k < 0 for k in shots):
@@ -239,7 +244,7 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
         for name, chosen in fine_tunes.items():
             used_train_n.setdefault(task.name, {})[name] = chosen
             tuned_dir = fine_tune_on(model_dir, corpus, out / "fine_tuned" / f"{task.name}_{name}", data, chosen,
-                                     instruct_cfg, fmt)
+                                     instruct_cfg, fmt, progress_fn)
             tuned_model, tuned_tok, _, tuned_meta = load_aligned(tuned_dir, device)
             entry[name], preds_n = score_task(tuned_model, tuned_tok, tuned_meta.get("prompt_format", "plain"), data,
                                               test_keys, y_test, cache, [], batch_size, device)

@@ -540,8 +540,17 @@ def test_train_n_and_tuned_fine_tune_on_train_subjects_only(corpus, model_dir, t
     cfg = InstructConfig.model_validate({"steps": 2, "batch_size": 2, "checkpoint_every": 2, "eval_every": 2,
                                          "eval_items": 2, "max_tokens": 32})
     out = tmp_path / "E"
+    reported = []  # the fine-tuning loops report their steps, named after the task and protocol
+
+    def progress_fn(stage, total, start, rank):
+        from fmrilm_core.runtime import _Silent
+
+        reported.append((stage, total, start))
+        return _Silent()
+
     metrics = evaluate_tasks(model_dir, corpus, out, tasks=["sex"], shots=(0,), train_n=(2,), tuned=True,
-                             instruct_cfg=cfg, max_test=4, examples=0, device="cpu")
+                             instruct_cfg=cfg, max_test=4, examples=0, device="cpu", progress_fn=progress_fn)
+    assert reported == [("eval sex_train_n_2: fine-tuning steps", 2, 0), ("eval sex_tuned: fine-tuning steps", 2, 0)]
     assert {"zero_shot", "train_n_2", "tuned", "fc_baseline", "tokenizer_probe"} <= set(metrics["sex"])
     info = json.loads((out / "eval.json").read_text())
     keys = info["fine_tuning_sets"]["sex"]["train_n_2"]
