@@ -50,9 +50,11 @@ def code_features(brain_tokenizer, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(hist), np.concatenate(corr)
 
 
-def headline(f_train, f_test, *, y_train, y_test, groups, classification: bool, seed: int) -> float:
-    """Test AUC (classification) or MAE (regression) of `fmrilm eval`'s linear baseline model on these features."""
-    pred, _ = fit_predict(f_train, y_train, groups, f_test, classification, seed)
+def headline(f: np.ndarray, *, train_rows, test_rows, y_train, y_test, groups, classification: bool,
+             seed: int) -> float:
+    """Test AUC (classification) or MAE (regression) of `fmrilm eval`'s linear baseline model on the features `f`
+    (one row per scan) of the train and test rows."""
+    pred, _ = fit_predict(f[train_rows], y_train, groups, f[test_rows], classification, seed)
     if classification:
         return classification_metrics(y_test, pred)["auc"]
     return regression_metrics(y_test, [float(v) for v in pred])["mae"]
@@ -75,29 +77,33 @@ def main() -> None:
     x = {k: np.asarray(v, np.float32) for k, v in zip(keys, zarr.batch(keys))}
     print(f"corpus {args.corpus}: {len(train_pheno)} train / {len(test_pheno)} test scans; "
           f"X {next(iter(x.values())).shape}; skipped: {skipped or 'none'}")
-    tokenizers = {str(p): load_brain_tokenizer(p) for p in args.tokenizer if (p / "config.json").is_file()}
+    # every reading of every scan once (each is per scan), then indexed per task
+    xs = np.stack([x[k] for k in keys])
+    row = {k: i for i, k in enumerate(keys)}
+    fc = fc_features(xs)
+    readings = {}
+    for p in args.tokenizer:
+        if (p / "config.json").is_file():
+            bt = load_brain_tokenizer(p)
+            hist, code_fc = code_features(bt, xs)
+            readings[str(p)] = {"features_probe": probe_features(bt, xs), "codes_probe": hist,
+                                "codes_fc_probe": code_fc}
     for data in runnable:
         task, classification = data.task, data.task.kind == "classification"
         train_keys, test_keys = sorted(data.train.index), sorted(data.test.index)
         groups = train_pheno.loc[train_keys, "subject"].astype(str).to_numpy()
         y_train, y_test = data.train[train_keys].to_numpy(), data.test[test_keys].to_numpy()
-        xs_train = np.stack([x[k] for k in train_keys])
-        xs_test = np.stack([x[k] for k in test_keys])
+        score = functools.partial(headline, train_rows=[row[k] for k in train_keys],
+                                  test_rows=[row[k] for k in test_keys], y_train=y_train, y_test=y_test,
+                                  groups=groups, classification=classification, seed=args.seed)
 
-        score = functools.partial(headline, y_train=y_train, y_test=y_test, groups=groups,
-                                  classification=classification, seed=args.seed)
         metric = "AUC" if classification else "MAE"
         print(f"\n{task.name} ({metric}, {len(train_keys)} train / {len(test_keys)} test scans)")
-        print(f"  {'fc_baseline':<16}{score(fc_features(xs_train), fc_features(xs_test)):>8.3f}")
-        for name, bt in tokenizers.items():
-            hist_train, cfc_train = code_features(bt, xs_train)
-            hist_test, cfc_test = code_features(bt, xs_test)
-            cells = [("features_probe", score(probe_features(bt, xs_train), probe_features(bt, xs_test))),
-                     ("codes_probe", score(hist_train, hist_test)), ("codes_fc_probe", score(cfc_train, cfc_test))]
+        print(f"  {'fc_baseline':<16}{score(fc):>8.3f}")
+        for name, features in readings.items():
             print(f"  {name}")
-            for label, value in cells:
-                print(f"    {label:<14}{value:>8.3f}")
-
+            for label, f in features.items():
+                print(f"    {label:<14}{score(f):>8.3f}")
 
 if __name__ == "__main__":
     main()

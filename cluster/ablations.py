@@ -56,17 +56,12 @@ def headline(metrics: dict) -> dict[str, dict[str, float]]:
 
 def ablation_table(summary: dict) -> str:
     """The terminal table: one line per task x protocol, one column per variant (`main` first)."""
-    names = list(summary)
-    rows = sorted({(task, protocol) for v in summary.values() for task, protocols in v["figures"].items()
-                   for protocol in protocols})
-    lines = [f"{'task':<20}{'protocol':<18}{'metric':<7}" + "".join(f"{n[:18]:>20}" for n in names)]
-    for task, protocol in rows:
-        cells, metric = [], ""
-        for name in names:
-            value = summary[name]["figures"].get(task, {}).get(protocol)
-            metric = metric or summary[name]["metrics"].get(task, "")
-            cells.append(f"{'':>20}" if value is None else f"{value:>20.3f}")
-        lines.append(f"{task:<20}{protocol:<18}{metric:<7}" + "".join(cells))
+    from llm_train.report import ablation_rows
+
+    lines = [f"{'task':<20}{'protocol':<18}{'metric':<7}" + "".join(f"{n[:18]:>20}" for n in summary)]
+    for task, protocol, metric, values in ablation_rows(summary):
+        cells = "".join(f"{'':>20}" if v is None else f"{v:>20.3f}" for v in values)
+        lines.append(f"{task:<20}{protocol:<18}{metric:<7}" + cells)
     return "\n".join(lines)
 
 

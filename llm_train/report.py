@@ -115,18 +115,22 @@ def regression_figures(name: str, entry: dict, preds: dict) -> list[tuple[str, s
     return [(f"{name} predicted vs true", _png(fig))]
 
 
+def ablation_rows(summary: dict) -> list[tuple[str, str, str, list[float | None]]]:
+    """(task, protocol, metric, the headline figure of every variant in `summary` order) per task x protocol of
+    an ablation summary (`cluster.ablations`); shared by the report and the terminal table."""
+    names = list(summary)
+    keys = sorted({(task, protocol) for v in summary.values() for task, protocols in v["figures"].items()
+                   for protocol in protocols})
+    return [(task, protocol, next((v["metrics"][task] for v in summary.values() if task in v["metrics"]), ""),
+             [summary[n]["figures"].get(task, {}).get(protocol) for n in names]) for task, protocol in keys]
+
+
 def ablation_section(summary: dict) -> str:
     """The ablation variants side by side (`cluster.ablations`): per task x protocol, the headline figure of each."""
-    names = list(summary)
-    rows = sorted({(task, protocol) for v in summary.values() for task, protocols in v["figures"].items()
-                   for protocol in protocols})
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-    body = []
-    for task, protocol in rows:
-        metric = next((v["metrics"][task] for v in summary.values() if task in v["metrics"]), "")
-        cells = "".join(f"<td>{_fmt(summary[n]['figures'].get(task, {}).get(protocol))}</td>" for n in names)
-        body.append(f'<tr><td class="l">{html.escape(task)}</td><td class="l">{html.escape(protocol)}</td>'
-                    f'<td class="l">{metric}</td>{cells}</tr>')
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in summary)
+    body = [f'<tr><td class="l">{html.escape(task)}</td><td class="l">{html.escape(protocol)}</td>'
+            f'<td class="l">{metric}</td>' + "".join(f"<td>{_fmt(v)}</td>" for v in values) + "</tr>"
+            for task, protocol, metric, values in ablation_rows(summary)]
     overrides = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(', '.join(v['overrides']) or 'as configured')}"
                         "</li>" for n, v in summary.items())
     return (f"<h2>Ablations</h2><ul>{overrides}</ul><table id=\"ablations\"><tr><th class=\"l\">task</th>"

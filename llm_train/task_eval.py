@@ -238,9 +238,10 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
             entry[name], preds_k = score_task(model, tokenizer, fmt, data, test_keys, y_test, cache, examples_k,
                                               batch_size, device)
             preds.update({name + suffix: v for suffix, v in preds_k.items()})
+        train_keys = sorted(data.train.index)  # every train scan with the task's label
         fine_tunes = {f"train_n_{n}": choose_shots(data, train_pheno, test_subjects, n, seed) for n in train_n}
-        if tuned:  # fully tuned: every train scan that has the task's label
-            fine_tunes["tuned"] = sorted(data.train.index)
+        if tuned:  # fully tuned: every labelled train scan
+            fine_tunes["tuned"] = train_keys
         for name, chosen in fine_tunes.items():
             used_train_n.setdefault(task.name, {})[name] = chosen
             tuned_dir = fine_tune_on(model_dir, corpus, out / "fine_tuned" / f"{task.name}_{name}", data, chosen,
@@ -250,7 +251,6 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
                                               test_keys, y_test, cache, [], batch_size, device)
             preds.update({name + suffix: v for suffix, v in preds_n.items()})
             del tuned_model
-        train_keys = sorted(data.train.index)
         groups = train_pheno.loc[train_keys, "subject"].astype(str).to_numpy()
         y_train = data.train[train_keys].to_numpy()
         for base, features in (("fc_baseline", lambda ks: fc_features(cache.series(ks))),
