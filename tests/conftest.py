@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,13 @@ TINY = ["synth.subjects=8", "synth.length_scale=0.3", "synth.datasets=[UKB,ABCD]
         "align.eval={scans: 4, caption_scans: 2, max_new_tokens: 4, t2t_docs: 2}",
         "instruct={batch_size: 2, steps: 2, checkpoint_every: 2, eval_every: 2, eval_items: 2, max_tokens: 32}",
         "eval={shots: [0], examples: 1, max_test: 4}"]
+
+
+def raw_id_hits(blob: bytes, raw_ids) -> list[str]:
+    """The raw subject ids that occur in `blob` as ids: not bordered by a letter or digit, so an id that
+    happens to be a run of digits inside a logged float ("12.342166900634766" holds "1669006") is no hit."""
+    return [rid for rid in raw_ids
+            if re.search(rb"(?<![0-9A-Za-z])" + re.escape(rid.encode()) + rb"(?![0-9A-Za-z])", blob)]
 
 
 def tiny_sets(llm_dir: Path) -> list[str]:
