@@ -8,6 +8,8 @@ before quantisation). On the test split of the corpus, with the same linear mode
 `fmrilm eval`'s baselines (`llm_train.baselines.fit_predict`), this scores, per task:
 
   fc_baseline        Fisher-z FC of the ROI series (what `fmrilm eval` reports beside the model)
+  connectivity_tokens  stage 2/3's connectivity tokens (`llm_train.connectivity`, levels fitted on the train split),
+                     one-hot: what the tokens after the codes carry; `--bins` levels
   features_probe     mean and std of the stage-1 features over a scan's tokens (`fmrilm eval`'s tokenizer_probe)
   codes_probe        the per-ROI histogram of a scan's codes (N x K counts): what the discrete tokens carry, read
                      by a linear model that sees which code each ROI took how often
@@ -30,6 +32,7 @@ import torch
 
 from corpus_builder.readers import open_zarr, read_phenotypes
 from llm_train.baselines import fc_features, fit_predict, probe_features
+from llm_train.connectivity import fit_on_corpus
 from llm_train.scoring import classification_metrics, regression_metrics
 from llm_train.tasks import select_tasks
 from llm_train.train import load_brain_tokenizer
@@ -68,6 +71,7 @@ def main() -> None:
                                  Path("runs/llm-quality/tokenizer-domain0/tokenizer")])
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bins", type=int, default=4, help="levels of the connectivity tokens")
     args = parser.parse_args()
 
     train_pheno, test_pheno = read_phenotypes(args.corpus, "train"), read_phenotypes(args.corpus, "test")
@@ -81,6 +85,10 @@ def main() -> None:
     xs = np.stack([x[k] for k in keys])
     row = {k: i for i, k in enumerate(keys)}
     fc = fc_features(xs)
+    spec = fit_on_corpus(args.corpus, args.bins)
+    levels = spec.levels(torch.from_numpy(xs)).numpy()  # [S, P]
+    conn = np.zeros((len(xs), spec.size))
+    conn[np.arange(len(xs))[:, None], np.arange(spec.n_tokens) * spec.bins + levels] = 1
     readings = {}
     for p in args.tokenizer:
         if (p / "config.json").is_file():
@@ -99,7 +107,8 @@ def main() -> None:
 
         metric = "AUC" if classification else "MAE"
         print(f"\n{task.name} ({metric}, {len(train_keys)} train / {len(test_keys)} test scans)")
-        print(f"  {'fc_baseline':<16}{score(fc):>8.3f}")
+        print(f"  {'fc_baseline':<21}{score(fc):>8.3f}")
+        print(f"  {'connectivity_tokens':<21}{score(conn):>8.3f}  ({spec.n_tokens} tokens, {spec.bins} levels)")
         for name, features in readings.items():
             print(f"  {name}")
             for label, f in features.items():

@@ -106,7 +106,7 @@ class BrainReader:
         if len(choices) < 2:
             raise InputError(f"--choices: name at least two answers, got {choices}")
         batch = encode_scans(self.brain_tokenizer, torch.as_tensor(x, dtype=torch.float32)[None],
-                             self.meta["input_mode"] == "features")
+                             self.meta["input_mode"] == "features", self.model.connectivity)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         probs = option_probabilities(self.model, self.tokenizer, batch, question, choices,
                                      prompt_format=self.meta.get("prompt_format", "plain"))[0]
@@ -116,7 +116,7 @@ class BrainReader:
     def ask(self, x: np.ndarray, question: str, max_new_tokens: int = 160, labels: list[str] | None = None) -> str:
         self.check(x, labels)
         batch = encode_scans(self.brain_tokenizer, torch.as_tensor(x, dtype=torch.float32)[None],
-                             self.meta["input_mode"] == "features")
+                             self.meta["input_mode"] == "features", self.model.connectivity)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         ids = generate(self.model, batch, self.prompt_ids(question), max_new_tokens, self.tokenizer.eos_token_id)[0]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

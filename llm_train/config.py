@@ -53,6 +53,10 @@ class LLMAlignConfig(StrictModel):
                               "features through a projection + ROI embedding, with a separate code head")
     position_ids: Literal["sequential", "per_step"] = Field(
         "sequential", description="sequential ids, or one id per time step shared by its N ROI tokens")
+    connectivity_bins: int = Field(
+        4, ge=0, le=16, description="connectivity tokens after the codes: each network pair's mean Fisher-z FC in one "
+                                    "of this many levels (quantiles of the train split); 0 = none "
+                                    "(llm_train/connectivity.py)")
     objectives: ObjectiveWeights = ObjectiveWeights()
     text_corpus: Path | None = Field(None, description="T2T text, one document per line; None = the English text "
                                                        "shipped in tokenizer_train/data")
@@ -81,6 +85,8 @@ class LLMAlignConfig(StrictModel):
             raise ValueError("position_ids 'per_step' with input_mode 'tokens' leaves the model blind to which ROI "
                              "a token belongs to (no ROI embedding in a stock checkpoint): use 'sequential' or "
                              "input_mode 'features'")
+        if self.connectivity_bins == 1:
+            raise ValueError("connectivity_bins 1 says nothing about a scan: use 0 (off) or 2..16")
         if not any((self.objectives.f2f, self.objectives.f2t, self.objectives.t2t)):
             raise ValueError("objectives: every weight is 0, nothing to train")
         return self

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fmrilm_core.errors import InputError
+from llm_train.connectivity import ConnectivityTokens
 from llm_train.model import IGNORE
 from tokenizer_train.data import ScanBatches
 from tokenizer_train.model import BrainTokenizer
@@ -22,9 +23,13 @@ from tokenizer_train.text import DEFAULT_TEXT_CORPUS, read_text_corpus
 
 
 @torch.no_grad()
-def encode_scans(brain_tokenizer: BrainTokenizer, x: torch.Tensor, features: bool) -> dict[str, torch.Tensor]:
-    """X [B, T, N] -> {'codes': [B, W, N]} (+ 'features': [B, W, N, llm_dim] fp32 when asked)."""
+def encode_scans(brain_tokenizer: BrainTokenizer, x: torch.Tensor, features: bool,
+                 connectivity: ConnectivityTokens | None = None) -> dict[str, torch.Tensor]:
+    """X [B, T, N] -> {'codes': [B, W, N]} (+ 'features': [B, W, N, llm_dim] fp32 when asked, + 'connectivity':
+    the connectivity token ids [B, P] when the model has them)."""
     out = {"codes": brain_tokenizer.encode(x).cpu()}
+    if connectivity is not None:
+        out["connectivity"] = connectivity.ids(x.cpu())
     if features:
         weight = brain_tokenizer.patch_embed.weight
         z = brain_tokenizer.quantizer_inputs(x.to(device=weight.device, dtype=weight.dtype))
@@ -101,16 +106,17 @@ class AlignBatches:
 
     def __init__(self, corpus: Path, split: str, brain_tokenizer: BrainTokenizer, suffix: CaptionSuffix,
                  text: TextChunks | None, *, batch_size: int, features: bool, seed: int, rank: int = 0,
-                 world_size: int = 1, subjects: float = 1.0):
+                 world_size: int = 1, subjects: float = 1.0, connectivity: ConnectivityTokens | None = None):
         c = brain_tokenizer.config
         self.scans = ScanBatches(corpus, split, batch_size, length=c.length, n_rois=c.n_rois, seed=seed, rank=rank,
                                  world_size=world_size, subjects=subjects)
         self.brain_tokenizer, self.suffix, self.text = brain_tokenizer, suffix, text
         self.batch_size, self.features, self.rank, self.world_size = batch_size, features, rank, world_size
+        self.connectivity = connectivity
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         x, captions, keys = self.scans.batch(step)
-        out = encode_scans(self.brain_tokenizer, x, self.features) | self.suffix(captions)
+        out = encode_scans(self.brain_tokenizer, x, self.features, self.connectivity) | self.suffix(captions)
         if self.text is not None:
             out["text_ids"] = self.text.batch(step, self.batch_size, self.rank, self.world_size)
         return out
@@ -118,4 +124,4 @@ class AlignBatches:
     def scans_of(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Codes (and features) of the named scans of this split, in that order."""
         x = torch.from_numpy(self.scans.corpus.batch(keys).astype(np.float32))
-        return encode_scans(self.brain_tokenizer, x, self.features)
+        return encode_scans(self.brain_tokenizer, x, self.features, self.connectivity)

@@ -83,6 +83,9 @@ def generate(model: AlignModel, batch: dict, prompt_ids: list[int], max_new_toke
 def _banned_ids(model: AlignModel) -> torch.Tensor:
     v = model.vocab
     ids = [v.scan_start, v.scan_end] + list(range(v.first_id, v.first_id + v.size))
+    if model.connectivity is not None:
+        c = model.connectivity
+        ids += list(range(c.first_id, c.first_id + c.size))
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -5,7 +5,8 @@
     OUT/base/                                    LoRA on a GGUF base: the dequantised base the adapter names
     OUT/tokenizer.json, tokenizer_config.json    `AutoTokenizer.from_pretrained(OUT)`, with the brain tokens,
                                                  the markers and a chat template
-    OUT/brain.json                               the brain tokenizer, N, W, layout, markers, input mode, prompt
+    OUT/brain.json                               the brain tokenizer, N, W, layout, markers, input mode, prompt,
+                                                 the connectivity tokens' networks and levels
     OUT/brain_tokenizer/                         a copy of the stage-1 export, so the folder stands alone
     OUT/brain_adapter.safetensors                features mode only: projection, ROI embedding, code head
 
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from fmrilm_core.engine import gathered
 from fmrilm_core.errors import InputError
 from fmrilm_core.llm import load_causal_lm, resolve_llm
+from llm_train.connectivity import ConnectivityTokens
 from llm_train.model import AlignModel, BrainFeatureAdapter
 from llm_train.vocabulary import SCAN_END, SCAN_START, BrainVocab
 from llm_train.zero3 import peft_on_partitioned
@@ -93,6 +95,7 @@ def save_aligned(model: AlignModel, tokenizer, cfg, brain_tokenizer, tokenizer_d
                 "markers": {"scan_start": SCAN_START, "scan_end": SCAN_END}, "vocab": model.vocab.to_json(),
                 "input_mode": model.input_mode, "position_ids": model.position_mode, "prompt": cfg.prompt,
                 "prompt_format": "plain", "lora": lora, "base": cfg.base, "atlas": atlas_signature(corpus),
+                "connectivity": model.connectivity.to_json() if model.connectivity is not None else None,
                 **(extra or {})}
         (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -168,7 +171,8 @@ def load_aligned(directory: Path, device: str | torch.device = "cpu", dtype: tor
         adapter.to(dtype)
     model = AlignModel(backbone, BrainVocab(**meta["vocab"]), n_steps=meta["n_steps"], n_rois=meta["n_rois"],
                        codebook_size=meta["codebook_size"], input_mode=meta["input_mode"],
-                       position_mode=meta["position_ids"], adapter=adapter)
+                       position_mode=meta["position_ids"], adapter=adapter,
+                       connectivity=ConnectivityTokens.from_json(meta.get("connectivity")))
     return model.to(device).eval(), tokenizer, brain_tokenizer, meta
 
 

@@ -91,7 +91,8 @@ class InstructBatches:
     """(scan key, turns) pairs of a split; batch `step` of rank `r` depends only on (seed, step, rank)."""
 
     def __init__(self, corpus: Path, split: str, brain_tokenizer, chat: ChatFormat, cfg: InstructConfig,
-                 features: bool, rank: int = 0, world_size: int = 1, examples: tuple | None = None):
+                 features: bool, rank: int = 0, world_size: int = 1, examples: tuple | None = None,
+                 connectivity=None):
         exclude = set(cfg.exclude_attributes)
         if examples is not None:  # given (key, turns) pairs, e.g. the N subjects of few-shot fine-tuning
             self.examples = [(key, list(turns)) for key, turns in examples]
@@ -104,6 +105,7 @@ class InstructBatches:
                              f"(excluding {sorted(exclude)})")
         self.zarr = open_zarr(corpus)
         self.brain_tokenizer, self.chat, self.cfg, self.features = brain_tokenizer, chat, cfg, features
+        self.connectivity = connectivity  # the model's connectivity tokens, or None
         self.rank, self.world_size = rank, world_size
         self.order = np.random.default_rng([cfg.seed, 11]).permutation(len(self.examples))
         self.pad = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else \
@@ -112,7 +114,7 @@ class InstructBatches:
     def rows(self, picks: list[int]) -> dict[str, torch.Tensor]:
         keys = [self.examples[p][0] for p in picks]
         x = torch.from_numpy(np.asarray(self.zarr.batch(keys), np.float32))
-        out = encode_scans(self.brain_tokenizer, x, self.features)
+        out = encode_scans(self.brain_tokenizer, x, self.features, self.connectivity)
         encoded = [self.chat.encode(self.examples[p][1]) for p in picks]
         encoded = [(i[: self.cfg.max_tokens], lab[: self.cfg.max_tokens]) for i, lab in encoded]
         longest = max(len(i) for i, _ in encoded)
@@ -183,9 +185,9 @@ def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict
     chat = ChatFormat(tokenizer)
     features = meta["input_mode"] == "features"
     train_data = InstructBatches(corpus, "train", brain_tokenizer, chat, cfg, features, runtime.rank,
-                                 runtime.world_size, examples=inputs.items)
+                                 runtime.world_size, examples=inputs.items, connectivity=model.connectivity)
     val_data = InstructBatches(corpus, "val", brain_tokenizer, chat, cfg.model_copy(update={"batch_size": 4}),
-                               features)
+                               features, connectivity=model.connectivity)
     picks = list(range(min(cfg.eval_items, len(val_data.examples))))
     val_batches = [val_data.rows(picks[i:i + 4]) for i in range(0, len(picks), 4)]
     engine, state = engine_from(model, cfg, ds_config, latest)

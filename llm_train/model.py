@@ -7,6 +7,9 @@ Two ways for a scan to enter the LLM (config `input_mode`):
   projected into the LLM's space, `to_llm(z)`) go through a trained projection plus an ROI embedding, and a separate
   head predicts codes. The backbone still saves in HF format; the brain side in safetensors beside it.
 
+Connectivity tokens (`connectivity.py`), when the model has them, follow the codes in every sequence that has text
+after the scan: `<|scan_start|> codes fc <|scan_end|> text`; F2F's block is the codes alone.
+
 Attention: F2F runs on the block-causal layout (`layout.block_causal_mask`, a 4-D additive mask in SDPA). F2T and
 text are plain causal, so a stock `generate` describes a scan with no custom mask; the caption tokens see the
 whole scan either way.
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_train.connectivity import ConnectivityTokens
 from llm_train.layout import additive_mask, block_causal_mask, f2f_targets, position_ids
 from llm_train.vocabulary import BrainVocab
 
@@ -42,8 +46,9 @@ class BrainFeatureAdapter(nn.Module):
 class AlignModel(nn.Module):
     def __init__(self, backbone: nn.Module, vocab: BrainVocab, *, n_steps: int, n_rois: int, codebook_size: int,
                  input_mode: str = "tokens", position_mode: str = "sequential", adapter: BrainFeatureAdapter | None
-                 = None, weights: dict[str, float] | None = None):
+                 = None, weights: dict[str, float] | None = None, connectivity: ConnectivityTokens | None = None):
         super().__init__()
+        self.connectivity = connectivity
         self.backbone = backbone
         self.vocab, self.n_steps, self.n_rois, self.codebook_size = vocab, n_steps, n_rois, codebook_size
         self.input_mode, self.position_mode = input_mode, position_mode
@@ -63,8 +68,23 @@ class AlignModel(nn.Module):
             return self.embed(self.vocab.ids(batch["codes"]).flatten(1))
         return self.adapter(batch["features"])
 
+    @property
+    def scan_tokens(self) -> int:
+        """Tokens of one `<|scan_start|> codes [fc] <|scan_end|>` block."""
+        return self.n_steps * self.n_rois + 2 + (self.connectivity.n_tokens if self.connectivity else 0)
+
+    def connectivity_ids(self, batch: dict) -> torch.Tensor:
+        """[B, P] connectivity token ids of the batch ([B, 0] for a model without them)."""
+        if self.connectivity is None:
+            return batch["codes"].new_zeros((batch["codes"].shape[0], 0))
+        if "connectivity" not in batch:
+            raise ValueError("this model reads connectivity tokens: encode its scans with encode_scans(..., "
+                             "model.connectivity)")
+        return batch["connectivity"]
+
     def scan_sequence(self, batch: dict, suffix_ids: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        """inputs_embeds of `<|scan_start|> scan [<|scan_end|> suffix]`, and the suffix length (0 without one)."""
+        """inputs_embeds of `<|scan_start|> codes [fc <|scan_end|> suffix]`, and the length after the codes (0 without
+        a suffix; else the connectivity tokens, the end marker and the suffix)."""
         b = batch["codes"].shape[0]
         device = batch["codes"].device
         start = self.embed(torch.full((b, 1), self.vocab.scan_start, device=device))
@@ -72,8 +92,9 @@ class AlignModel(nn.Module):
         suffix = 0
         if suffix_ids is not None:
             end = torch.full((b, 1), self.vocab.scan_end, device=device)
-            parts.append(self.embed(torch.cat([end, suffix_ids], dim=1)))
-            suffix = 1 + suffix_ids.shape[1]
+            tail = torch.cat([self.connectivity_ids(batch).to(device), end, suffix_ids], dim=1)
+            parts.append(self.embed(tail))
+            suffix = tail.shape[1]
         return torch.cat(parts, dim=1), suffix
 
     def positions(self, batch_size: int, suffix: int, device) -> torch.Tensor:

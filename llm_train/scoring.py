@@ -75,7 +75,7 @@ def shot_text(tokenizer, question: str, answer: str, prompt_format: str = "plain
 
 def prompt_length(model: AlignModel, shots: list[Shot], question: list[int], answer: int = 0) -> int:
     """Tokens of the sequence `shots + scan + question + answer`."""
-    scan = model.n_steps * model.n_rois + 2
+    scan = model.scan_tokens
     return sum(scan + len(s.text) for s in shots) + scan + len(question) + answer
 
 
@@ -89,16 +89,18 @@ def check_context(model: AlignModel, shots: list[Shot], question: list[int], lon
     need, limit = prompt_length(model, shots, question, longest_answer), context_size(model)
     if limit is not None and need > limit:
         raise InputError(f"{len(shots)}-shot prompt needs {need} tokens; the model's context holds {limit} "
-                         f"(each scan takes {model.n_steps * model.n_rois + 2})")
+                         f"(each scan takes {model.scan_tokens})")
 
 
 def _scan_block(model: AlignModel, scan: dict, batch: int) -> torch.Tensor:
-    """`<|scan_start|> scan <|scan_end|>` embeddings [batch, W * N + 2, hidden] (a single scan is repeated)."""
+    """`<|scan_start|> codes [fc] <|scan_end|>` embeddings [batch, model.scan_tokens, hidden] (a single scan is
+    repeated)."""
     rows = {k: v if v.shape[0] == batch else v.expand(batch, *v.shape[1:]) for k, v in scan.items()}
     device = rows["codes"].device
     start = model.embed(torch.full((batch, 1), model.vocab.scan_start, device=device))
-    end = model.embed(torch.full((batch, 1), model.vocab.scan_end, device=device))
-    return torch.cat([start, model.scan_embeddings(rows).to(start.dtype), end], dim=1)
+    end = torch.full((batch, 1), model.vocab.scan_end, device=device)
+    tail = model.embed(torch.cat([model.connectivity_ids(rows).to(device), end], dim=1))
+    return torch.cat([start, model.scan_embeddings(rows).to(start.dtype), tail], dim=1)
 
 
 def sequence(model: AlignModel, shots: list[Shot], scans: dict, question: list[int],
@@ -108,7 +110,8 @@ def sequence(model: AlignModel, shots: list[Shot], scans: dict, question: list[i
     b = scans["codes"].shape[0]
     device = scans["codes"].device
     parts, positions, offset = [], [], 0
-    scan_pos = position_ids(model.n_steps, model.n_rois, 1, model.position_mode)
+    scan_pos = position_ids(model.n_steps, model.n_rois, model.scan_tokens - model.n_steps * model.n_rois - 1,
+                            model.position_mode)
 
     def text(ids: torch.Tensor) -> None:
         nonlocal offset

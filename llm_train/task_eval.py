@@ -118,9 +118,9 @@ def choose_shots(data: TaskData, train_pheno: pd.DataFrame, test_subjects: set, 
 class ScanCache:
     """ROI series, codes (and features) of the corpus's scans, read once."""
 
-    def __init__(self, corpus: Path, brain_tokenizer, features: bool):
+    def __init__(self, corpus: Path, brain_tokenizer, features: bool, connectivity=None):
         self.zarr = open_zarr(corpus)
-        self.brain_tokenizer, self.features = brain_tokenizer, features
+        self.brain_tokenizer, self.features, self.connectivity = brain_tokenizer, features, connectivity
         self.x: dict[str, np.ndarray] = {}
         self.encoded: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -135,7 +135,8 @@ class ScanCache:
         todo = [k for k in keys if k not in self.encoded]
         for i in range(0, len(todo), 32):
             part = todo[i:i + 32]
-            out = encode_scans(self.brain_tokenizer, torch.from_numpy(self.series(part)), self.features)
+            out = encode_scans(self.brain_tokenizer, torch.from_numpy(self.series(part)), self.features,
+                               self.connectivity)
             for j, key in enumerate(part):
                 self.encoded[key] = {name: value[j] for name, value in out.items()}
         return {name: torch.stack([self.encoded[k][name] for k in keys]) for name in self.encoded[keys[0]]}
@@ -202,7 +203,7 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
         raise InputError(str(err)) from None
     model, tokenizer, brain_tokenizer, meta = load_aligned(model_dir, device)
     fmt = meta.get("prompt_format", "plain")
-    cache = ScanCache(corpus, brain_tokenizer, meta["input_mode"] == "features")
+    cache = ScanCache(corpus, brain_tokenizer, meta["input_mode"] == "features", model.connectivity)
     test_subjects = set(test_pheno["subject"])
     metrics: dict[str, dict] = {}
     predictions: dict[str, dict] = {}

@@ -23,6 +23,7 @@ from fmrilm_core.errors import InputError
 from fmrilm_core.llm import load_causal_lm, load_tokenizer, resolve_llm
 from fmrilm_core.runtime import Runtime
 from llm_train.config import LLMAlignConfig
+from llm_train.connectivity import ConnectivityTokens, fit_on_corpus
 from llm_train.data import AlignBatches, CaptionSuffix, TextChunks, encode_scans, held_out_text
 from llm_train.evaluate import (
     caption_fidelity,
@@ -57,8 +58,10 @@ def load_brain_tokenizer(directory: Path) -> BrainTokenizer:
         raise InputError(f"brain tokenizer: {err}") from None
 
 
-def build_model(cfg: LLMAlignConfig, brain_tokenizer: BrainTokenizer, ds_config: dict):
-    """(AlignModel, LLM tokenizer, text vocabulary size, the live HfDeepSpeedConfig or None)."""
+def build_model(cfg: LLMAlignConfig, brain_tokenizer: BrainTokenizer, ds_config: dict,
+                connectivity: ConnectivityTokens | None = None):
+    """(AlignModel, LLM tokenizer, text vocabulary size, the live HfDeepSpeedConfig or None). `connectivity`: the
+    fitted connectivity tokens (`connectivity.fit_on_corpus`) the model reads after the codes, or None."""
     tc = brain_tokenizer.config
     torch.manual_seed(cfg.seed)  # LoRA's initial A matrices and the feature adapter: a rebuilt model is the same
     tokenizer = load_tokenizer(cfg.base)
@@ -71,20 +74,26 @@ def build_model(cfg: LLMAlignConfig, brain_tokenizer: BrainTokenizer, ds_config:
         raise InputError(f"{cfg.base or 'SmolLM2'}: embedding width {width}, but the brain tokenizer was aligned to "
                          f"llm_dim {tc.llm_dim} (train stage 1 against this LLM)")
     n_steps = brain_tokenizer.n_steps
-    longest = 2 + n_steps * tc.n_rois + len(tokenizer(cfg.prompt + "\n")["input_ids"]) + cfg.max_caption_tokens + 1
+    n_fc = connectivity.n_tokens if connectivity is not None else 0
+    prompt = len(tokenizer(cfg.prompt + "\n")["input_ids"])
+    longest = 2 + n_steps * tc.n_rois + n_fc + prompt + cfg.max_caption_tokens + 1
     context = getattr(backbone.config, "max_position_embeddings", None)
     if context is not None and longest > context:
         raise InputError(f"{cfg.base or 'SmolLM2'}: a scan sequence is {longest} tokens (W {n_steps} x N {tc.n_rois} "
-                         f"+ markers + prompt + {cfg.max_caption_tokens} caption tokens), beyond the backbone's "
-                         f"context of {context}")
+                         f"+ {n_fc} connectivity tokens + markers + prompt + {cfg.max_caption_tokens} caption "
+                         f"tokens), beyond the backbone's context of {context}")
     features = cfg.input_mode == "features"
     vocab = add_brain_tokens(tokenizer, 0 if features else tc.codebook_size)
+    if connectivity is not None:
+        connectivity = connectivity.add_to(tokenizer)
     backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     emb = backbone.get_input_embeddings().weight
     out_emb = backbone.get_output_embeddings()
     params = [emb] + ([out_emb.weight] if out_emb is not None and out_emb.weight is not emb else [])
     with modify(params):
         init_brain_rows(backbone, vocab, n_text, None if features else brain_tokenizer.codebook.float())
+        if connectivity is not None:
+            connectivity.init_rows(backbone, tokenizer)
     backbone.config.use_cache = False
     if cfg.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -93,7 +102,7 @@ def build_model(cfg: LLMAlignConfig, brain_tokenizer: BrainTokenizer, ds_config:
     adapter = BrainFeatureAdapter(tc.llm_dim, width, tc.n_rois, tc.codebook_size).to(dtype) if features else None
     model = AlignModel(backbone, vocab, n_steps=n_steps, n_rois=tc.n_rois, codebook_size=tc.codebook_size,
                        input_mode=cfg.input_mode, position_mode=cfg.position_ids, adapter=adapter,
-                       weights=cfg.objectives.model_dump())
+                       weights=cfg.objectives.model_dump(), connectivity=connectivity)
     return model, tokenizer, n_text, live
 
 
@@ -132,17 +141,19 @@ def train(cfg: LLMAlignConfig, inputs: AlignInputs, runtime: Runtime) -> dict:
     ds_config = deepspeed_config(cfg.deepspeed, micro_batch=cfg.batch_size, grad_clip=cfg.optim.grad_clip,
                                  lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
                                  precision=cfg.precision)
+    connectivity = fit_on_corpus(corpus, cfg.connectivity_bins)
     init_distributed()
-    model, tokenizer, n_text, live = build_model(cfg, brain_tokenizer, ds_config)
+    model, tokenizer, n_text, live = build_model(cfg, brain_tokenizer, ds_config, connectivity)
+    connectivity = model.connectivity  # with its place in the vocabulary
     features = cfg.input_mode == "features"
     suffix = CaptionSuffix(tokenizer, cfg.prompt, cfg.max_caption_tokens)
     text = TextChunks(tokenizer, cfg.text_corpus, cfg.t2t_tokens, cfg.seed) if cfg.objectives.t2t > 0 else None
     heldout = held_out_text(cfg.text_corpus)[: cfg.eval.t2t_docs]
     train_data = AlignBatches(corpus, "train", brain_tokenizer, suffix, text, batch_size=cfg.batch_size,
                               features=features, seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size,
-                              subjects=cfg.train_subjects)
+                              subjects=cfg.train_subjects, connectivity=connectivity)
     val_data = AlignBatches(corpus, "val", brain_tokenizer, suffix, None, batch_size=cfg.batch_size,
-                            features=features, seed=cfg.seed)
+                            features=features, seed=cfg.seed, connectivity=connectivity)
     reference = ValidationSet(cfg, train_data, val_data, tokenizer, heldout, n_text)
 
     torch.manual_seed(cfg.seed)

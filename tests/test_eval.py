@@ -103,22 +103,25 @@ def test_option_scoring_equals_a_hand_computation(corpus, model_dir):
 
     keys = split_keys(corpus, "test")[:3]
     x = torch.from_numpy(open_zarr(corpus).batch(keys).astype(np.float32))
-    scans = encode_scans(brain, x, False)
+    scans = encode_scans(brain, x, False, model.connectivity)
+    assert scans["connectivity"].shape == (3, model.connectivity.n_tokens)
     q = question_ids(tokenizer, "the brain is")
     eos = tokenizer.eos_token_id
     options = [tokenizer("default network", add_special_tokens=False)["input_ids"] + [eos],
                tokenizer("visual", add_special_tokens=False)["input_ids"] + [eos]]
     v = model.vocab
-    shot_codes = encode_scans(brain, torch.from_numpy(open_zarr(corpus).batch(split_keys(corpus, "train")[:1])
-                                                      .astype(np.float32)), False)["codes"][0]
+    shot_scan = encode_scans(brain, torch.from_numpy(open_zarr(corpus).batch(split_keys(corpus, "train")[:1])
+                                                     .astype(np.float32)), False, model.connectivity)
     text = shot_text(tokenizer, "the brain is", "weak")
-    for shots in ([], [Shot({"codes": shot_codes}, text)]):
+    for shots in ([], [Shot({k: v[0] for k, v in shot_scan.items()}, text)]):
         got = option_loglik(model, scans, q, options, shots)
         prefix_shots = []
         for s in shots:
-            prefix_shots += [v.scan_start, *v.ids(s.scan["codes"]).flatten().tolist(), v.scan_end, *s.text]
+            prefix_shots += [v.scan_start, *v.ids(s.scan["codes"]).flatten().tolist(),
+                             *s.scan["connectivity"].tolist(), v.scan_end, *s.text]
         for i in range(len(keys)):
-            ids = prefix_shots + [v.scan_start, *v.ids(scans["codes"][i]).flatten().tolist(), v.scan_end, *q]
+            ids = prefix_shots + [v.scan_start, *v.ids(scans["codes"][i]).flatten().tolist(),
+                                  *scans["connectivity"][i].tolist(), v.scan_end, *q]
             for c, option in enumerate(options):
                 assert got[i, c].item() == pytest.approx(_hand_loglik(model, ids, option), abs=1e-4)
         probs = option_probabilities(model, tokenizer, scans, "the brain is", ["default network", "visual"], shots)
@@ -136,7 +139,7 @@ def test_a_zero_shot_sequence_is_stage_twos_scan_sequence(corpus, model_dir, mod
     model, tokenizer, brain, _ = load_aligned(model_dir)
     model.position_mode = mode
     x = torch.from_numpy(open_zarr(corpus).batch(split_keys(corpus, "test")[:2]).astype(np.float32))
-    scans = encode_scans(brain, x, False)
+    scans = encode_scans(brain, x, False, model.connectivity)
     q = question_ids(tokenizer, "the brain is")
     with torch.no_grad():
         embeds, pos = sequence(model, [], scans, q)
@@ -393,7 +396,8 @@ def test_ask_scores_named_choices_as_eval_scores_options(corpus, model_dir):
     reader = BrainReader(model_dir)
     x = open_zarr(corpus)[key]
     probs = option_probabilities(reader.model, reader.tokenizer,
-                                 encode_scans(reader.brain_tokenizer, torch.as_tensor(x)[None], False),
+                                 encode_scans(reader.brain_tokenizer, torch.as_tensor(x)[None], False,
+                                              reader.model.connectivity),
                                  "the brain is", ["default network", "visual"])[0]
     assert reader.choose(x, "the brain is", ["default network", "visual"]) == pytest.approx(
         {"default network": probs[0], "visual": probs[1]})

@@ -40,7 +40,7 @@ def folder_answer_loss(folder: Path, corpus: Path, cfg: InstructConfig, dtype=to
     if meta["lora"]:
         model.backbone = model.backbone.merge_and_unload()
     val = InstructBatches(corpus, "val", brain, ChatFormat(tokenizer), cfg.model_copy(update={"batch_size": 4}),
-                          meta["input_mode"] == "features")
+                          meta["input_mode"] == "features", connectivity=model.connectivity)
     picks = list(range(min(cfg.eval_items, len(val.examples))))
     return answer_loss(model, [val.rows(picks[i:i + 4]) for i in range(0, len(picks), 4)], "cpu")
 
