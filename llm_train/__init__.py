@@ -1,6 +1,7 @@
 """Stages 2 and 3: a pretrained causal LLM that reads, predicts and describes brain tokens (DESIGN 1, 3.6).
 
     vocabulary.py  the K brain tokens and scan markers, their rows initialised from the stage-1 codebook
+    connectivity.py  the P connectivity tokens after the codes (network-pair FC in levels of the train split)
     layout.py      the time-major scan layout, the block-causal F2F mask, F2F targets, position ids
     model.py       AlignModel: backbone (+ the features mode's brain side); forward(batch) -> F2F / F2T / T2T losses
     data.py        batches: scans through the frozen brain tokenizer, captions, text chunks

@@ -1,12 +1,13 @@
 """Sequence layout of a scan for the LLM (DESIGN 3.6) and the block-causal attention of F2F.
 
-    <|scan_start|>  (w=0, n=0) (w=0, n=1) ... (w=0, n=N-1)  (w=1, n=0) ...  (w=W-1, n=N-1)  <|scan_end|>  text ...
-    position 0      1 + w * N + n                                                             1 + W * N
+    <|scan_start|>  (w=0, n=0) (w=0, n=1) ... (w=0, n=N-1)  (w=1, n=0) ...  (w=W-1, n=N-1)  [fc x P]  <|scan_end|>  text
+    position 0      1 + w * N + n                                                   1 + W * N  1 + W * N + P
 
 Time-major, as the tokenizer emits its codes (`tokenizer_train.model.token_index`): `codes.reshape(W * N)` is the
 scan block. F2F: a token sees every token of its own and earlier steps and none of later steps (block-causal); the
-target of the token at (w, n) is the code at (w + 1, n), so the last step has no target. Text after the scan is
-plain causal.
+target of the token at (w, n) is the code at (w + 1, n), so the last step has no target. The connectivity tokens
+(`connectivity.py`; none when `align.connectivity_bins` is 0) and the text after the scan are plain causal, and
+F2F's sequence ends with the codes.
 """
 
 from __future__ import annotations
