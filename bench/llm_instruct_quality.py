@@ -8,9 +8,12 @@ Runs (finished steps are reused; all tracked in the config's MLflow store):
      shipped bench config leaves diagnosis out of the mix, so ADHD is zero-shot in the paper's sense) -> instruct-tokens
   2. eval of the stage-3 folder (config `eval`: zero-shot, k-shot in context, train_n few-shot fine-tuning)
      -> eval-instruct; its `zero_shot` on sex is the multi-task tuned figure
-  3. eval of the stage-2 folder with `tuned` only (fine-tuned on every train scan of one task: single-task)
-     -> eval-single
-Prints the table and the verdicts: the tuned model's sex and diagnosis AUC >= the FC baseline's - 0.05; 2-shot
+  3. eval of the stage-2 folder with `tuned` only (fine-tuned on every train scan of one task: single-task, the
+     config's `eval.finetune_steps`) -> eval-single
+  4. per task, eval of the stage-3 folder with `tuned` only, fine-tuned `--tuned-steps` steps on every train scan
+     of that task (the paper's tuned protocol: the instruction-tuned model tuned on the task) ->
+     eval-tuned<steps>-<task>
+Prints the table and the verdicts: the tuned model's (4) sex and diagnosis AUC >= the FC baseline's - 0.05; 2-shot
 fine-tuning above zero-shot (on the task left out of the mix); multi-task within 0.03 AUC of single-task.
 `bench/stage3_ceiling.py` says how far the tokens themselves can go.
 """
@@ -34,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/llm_quality.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--tuned-steps", type=int, default=200, help="fine-tuning steps of the tuned protocol (4)")
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.overrides)
@@ -55,13 +59,24 @@ def main() -> None:
             result = run_eval(run_cfg, model, corpus, out, tracker)
             print(f"{name}: MLflow run {result.run_id}", flush=True)
         evaluated[name] = json.loads((out / "metrics.json").read_text())
+    tuned_m: dict = {}  # task -> its metrics from run 4
+    for task in cfg.eval.tasks or []:
+        out = workdir / f"eval-tuned{args.tuned_steps}-{task}"
+        if not (out / "metrics.json").is_file():
+            run_cfg = cfg.model_copy(deep=True)
+            run_cfg.eval = cfg.eval.model_copy(update={"tasks": [task], "shots": [0], "train_n": [], "tuned": True,
+                                                       "finetune_steps": args.tuned_steps, "examples": 0})
+            result = run_eval(run_cfg, tuned3, corpus, out, tracker)
+            print(f"{out.name}: MLflow run {result.run_id}", flush=True)
+        tuned_m |= json.loads((out / "metrics.json").read_text())
 
     multi, single_m = evaluated["eval-instruct"], evaluated["eval-single"]
     print(f"\ncorpus {corpus}; stage 2 {aligned}; stage 3 {tuned3} (left out of its mix: "
           f"{cfg.instruct.exclude_attributes or 'nothing'}); test split, AUC")
     rows = [("zero_shot (stage 3)", multi, "zero_shot"), ("k_shot_2 (stage 3)", multi, "k_shot_2"),
             *[(f"train_n_{n} (stage 3)", multi, f"train_n_{n}") for n in cfg.eval.train_n],
-            ("tuned, single-task (stage 2)", single_m, "tuned"), ("fc_baseline", multi, "fc_baseline"),
+            ("tuned, single-task (stage 2)", single_m, "tuned"),
+            (f"tuned (stage 3, {args.tuned_steps} steps)", tuned_m, "tuned"), ("fc_baseline", multi, "fc_baseline"),
             ("tokenizer_probe", multi, "tokenizer_probe")]
     tasks = [t for t, e in multi.items() if "skipped" not in e and e["kind"] == "classification"]
     print(f"{'protocol':<32}" + "".join(f"{t:>10}" for t in tasks))
@@ -71,8 +86,9 @@ def main() -> None:
     for task in tasks:
         fc, tuned = auc(multi, task, "fc_baseline"), auc(single_m, task, "tuned")
         in_mix = multi[task].get("in_tuning_mix")
-        if tuned is not None:
-            print(f"{task}: tuned {tuned:.3f} vs FC - 0.05 = {fc - 0.05:.3f}: {'yes' if tuned >= fc - 0.05 else 'NO'}")
+        best = auc(tuned_m, task, "tuned")
+        if best is not None:
+            print(f"{task}: tuned {best:.3f} vs FC - 0.05 = {fc - 0.05:.3f}: {'yes' if best >= fc - 0.05 else 'NO'}")
         for n in cfg.eval.train_n:
             few, zero = auc(multi, task, f"train_n_{n}"), auc(multi, task, "zero_shot")
             kind = "in the tuning mix" if in_mix else "left out of the mix: true zero-shot"
