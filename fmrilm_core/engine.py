@@ -31,6 +31,16 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def from_rank0(fn):
+    """`fn()` run on rank 0 only and its (picklable) result handed to every rank: start-up work such as reading the
+    corpus once instead of once per rank. Plain `fn()` outside a process group of more than one rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return fn()
+    box = [fn() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def deepspeed_config(ds_file: Path | None, *, micro_batch: int, grad_clip: float, lr: float, betas: Sequence[float],
                      weight_decay: float, precision: str, grad_accum: int = 1) -> dict:
     """The engine's config: the DeepSpeed JSON `ds_file` (None = ZeRO-0) with the run's batch, clipping and AdamW

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
+from corpus_builder.descriptors.fc import block_mean, fisher_z_fc
 from fmrilm_core.errors import InputError
 
 LEVEL_WORDS = {2: ["low", "high"], 3: ["low", "typical", "high"], 4: ["very low", "low", "high", "very high"],
@@ -43,20 +44,16 @@ def network_pairs(membership: np.ndarray, n_networks: int) -> list[tuple[int, in
             if (counts[a] > 1 if a == b else counts[a] and counts[b])]
 
 
-def network_fc(x: torch.Tensor, membership: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
-    """X [B, T, N] -> [B, P]: per network pair, the mean Fisher z of the correlations between its distinct ROIs."""
-    x = x.double()
-    x = x - x.mean(1, keepdim=True)
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    r = (x.transpose(1, 2) @ x).clamp(-0.999999, 0.999999)  # [B, N, N]
-    n = r.shape[-1]
-    off = 1.0 - torch.eye(n, dtype=r.dtype, device=r.device)
-    z = torch.atanh(r) * off
-    groups = torch.nn.functional.one_hot(membership.to(r.device), int(membership.max()) + 1).to(r.dtype)  # [N, G]
-    sums = groups.T @ z @ groups  # [B, G, G]
-    counts = groups.T @ off @ groups  # [G, G]
-    a, b = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
-    return (sums[:, a, b] / counts[a, b]).float()
+def network_fc(x, membership: np.ndarray, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """X [B, T, N] -> [B, P]: per network pair, the mean Fisher z of the correlations between its distinct ROIs
+    (the descriptors' FC and block means, `corpus_builder.descriptors.fc`; NaN where a block has no usable ROI)."""
+    masks = [membership == g for g in range(int(membership.max()) + 1)]
+    x = np.asarray(x, np.float64)
+    out = np.empty((len(x), len(pairs)))
+    for s, scan in enumerate(x):
+        z = fisher_z_fc(scan)
+        out[s] = [block_mean(z, masks[a], masks[b], a == b) for a, b in pairs]
+    return torch.from_numpy(out).float()
 
 
 @dataclass(frozen=True)
@@ -96,11 +93,10 @@ class ConnectivityTokens:
         pairs = network_pairs(membership, len(networks))
         if not pairs:
             raise InputError(f"{source}: no network has two ROIs, so there is no connectivity to tokenize")
-        values = torch.cat([network_fc(torch.as_tensor(np.asarray(x), dtype=torch.float32),
-                                       torch.as_tensor(membership), pairs) for x in series]).numpy()
+        values = torch.cat([network_fc(x, membership, pairs) for x in series]).numpy()
         if len(values) < bins:
             raise InputError(f"{source}: {len(values)} train scans cannot fit {bins} connectivity levels")
-        edges = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1], axis=0).T  # [P, bins - 1]
+        edges = np.nanquantile(values, np.linspace(0, 1, bins + 1)[1:-1], axis=0).T  # [P, bins - 1]
         return cls(networks=networks, membership=membership.tolist(), pairs=[tuple(p) for p in pairs],
                    edges=edges.tolist())
 
@@ -109,7 +105,7 @@ class ConnectivityTokens:
         if x.shape[-1] != len(self.membership):
             raise InputError(f"connectivity tokens: a scan has {x.shape[-1]} ROIs, the model's atlas "
                              f"{len(self.membership)}")
-        return network_fc(x, torch.as_tensor(self.membership), self.pairs)
+        return network_fc(x, np.asarray(self.membership), self.pairs)
 
     def levels(self, x: torch.Tensor) -> torch.Tensor:
         """X [B, T, N] -> level of every pair [B, P] (0 .. bins - 1)."""

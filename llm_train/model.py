@@ -69,9 +69,14 @@ class AlignModel(nn.Module):
         return self.adapter(batch["features"])
 
     @property
+    def n_connectivity(self) -> int:
+        """P: connectivity tokens per scan (0 without them)."""
+        return self.connectivity.n_tokens if self.connectivity is not None else 0
+
+    @property
     def scan_tokens(self) -> int:
         """Tokens of one `<|scan_start|> codes [fc] <|scan_end|>` block."""
-        return self.n_steps * self.n_rois + 2 + (self.connectivity.n_tokens if self.connectivity else 0)
+        return self.n_steps * self.n_rois + 2 + self.n_connectivity
 
     def connectivity_ids(self, batch: dict) -> torch.Tensor:
         """[B, P] connectivity token ids of the batch ([B, 0] for a model without them)."""

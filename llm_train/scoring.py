@@ -110,8 +110,7 @@ def sequence(model: AlignModel, shots: list[Shot], scans: dict, question: list[i
     b = scans["codes"].shape[0]
     device = scans["codes"].device
     parts, positions, offset = [], [], 0
-    scan_pos = position_ids(model.n_steps, model.n_rois, model.scan_tokens - model.n_steps * model.n_rois - 1,
-                            model.position_mode)
+    scan_pos = position_ids(model.n_steps, model.n_rois, model.n_connectivity + 1, model.position_mode)
 
     def text(ids: torch.Tensor) -> None:
         nonlocal offset

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fmrilm_core.checkpoint import config_fingerprint, load_checkpoint, resume_point, save_checkpoint
-from fmrilm_core.engine import build_engine, deepspeed_config, init_distributed, lr_lambda
+from fmrilm_core.engine import build_engine, deepspeed_config, from_rank0, init_distributed, lr_lambda
 from fmrilm_core.errors import InputError
 from fmrilm_core.llm import load_causal_lm, load_tokenizer, resolve_llm
 from fmrilm_core.runtime import Runtime
@@ -141,8 +141,8 @@ def train(cfg: LLMAlignConfig, inputs: AlignInputs, runtime: Runtime) -> dict:
     ds_config = deepspeed_config(cfg.deepspeed, micro_batch=cfg.batch_size, grad_clip=cfg.optim.grad_clip,
                                  lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
                                  precision=cfg.precision)
-    connectivity = fit_on_corpus(corpus, cfg.connectivity_bins)
     init_distributed()
+    connectivity = from_rank0(lambda: fit_on_corpus(corpus, cfg.connectivity_bins))  # reads the train split once
     model, tokenizer, n_text, live = build_model(cfg, brain_tokenizer, ds_config, connectivity)
     connectivity = model.connectivity  # with its place in the vocabulary
     features = cfg.input_mode == "features"

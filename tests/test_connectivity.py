@@ -32,7 +32,7 @@ def test_network_fc_is_nilearns_fisher_z_correlation_averaged_over_each_network_
     membership = np.array([networks.index(v) for v in LABELS])
     pairs = network_pairs(membership, len(networks))
     assert (networks.index("Limbic"),) * 2 not in pairs  # one ROI: no pair of distinct ROIs within it
-    ours = network_fc(torch.from_numpy(x), torch.from_numpy(membership), pairs).numpy()
+    ours = network_fc(x, membership, pairs).numpy()
     r = ConnectivityMeasure(EmpiricalCovariance(), kind="correlation", standardize=False).fit_transform(
         list(x.astype(np.float64)))  # nilearn's default estimator shrinks (Ledoit-Wolf); FC here is plain Pearson
     for s in range(len(x)):

@@ -23,7 +23,8 @@ def fisher_z_fc(x: np.ndarray) -> np.ndarray:
     return np.arctanh(np.clip(r, -0.999999, 0.999999))
 
 
-def _block_mean(z: np.ndarray, a: np.ndarray, b: np.ndarray, same: bool) -> float:
+def block_mean(z: np.ndarray, a: np.ndarray, b: np.ndarray, same: bool) -> float:
+    """Mean Fisher z between the ROIs of masks `a` and `b` (distinct ROIs when `same`), NaN entries left out."""
     block = z[np.ix_(a, b)]
     if same:
         block = block[~np.eye(len(block), dtype=bool)]
@@ -39,14 +40,14 @@ def fc_descriptors(z: np.ndarray, networks: np.ndarray, valid: np.ndarray) -> tu
         if masks[net].sum() < 2:
             values[name], reasons[name] = np.nan, f"fewer than 2 usable ROIs in network {net}"
         else:
-            values[name] = _block_mean(z, masks[net], masks[net], True)
+            values[name] = block_mean(z, masks[net], masks[net], True)
     cortex = valid & (networks != SUBCORTICAL)
     if masks[SUBCORTICAL].any() and cortex.any():
-        values["fc_subcortical_cortical"] = _block_mean(z, masks[SUBCORTICAL], cortex, False)
+        values["fc_subcortical_cortical"] = block_mean(z, masks[SUBCORTICAL], cortex, False)
     else:
         values["fc_subcortical_cortical"] = np.nan
         reasons["fc_subcortical_cortical"] = "no usable subcortical or cortical ROI"
     pairs = {}
     for (a, b), name in zip(PAIRS, PAIR_NAMES):
-        pairs[name] = _block_mean(z, masks[a], masks[b], False) if masks[a].any() and masks[b].any() else np.nan
+        pairs[name] = block_mean(z, masks[a], masks[b], False) if masks[a].any() and masks[b].any() else np.nan
     return values, pairs, reasons
