@@ -46,7 +46,7 @@ from corpus_builder.atlas import roi_table
 from corpus_builder.captions import caption_for
 from corpus_builder.config import CorpusConfig
 from corpus_builder.descriptors import DESCRIPTOR_NAMES, PAIR_NAMES, Descriptors, compute_descriptors
-from corpus_builder.extraction import discover_all, failure_reason
+from corpus_builder.extraction import discover_all, failure_reason, pseudonymizer_for
 from corpus_builder.instructions import instruction_items
 from corpus_builder.norms import Norms, fit_reference, load_reference, save_reference
 from corpus_builder.polish import CaptionPolisher
@@ -286,6 +286,15 @@ def _plain(x):
 
 # ---- the driver ---------------------------------------------------------------------------------------
 
+def identity_of(specs: list[str]) -> dict:
+    """What the completion record says of who the scans are (read back by `corpus_builder.lineage`): the
+    fingerprint of the pseudonym scheme (never the secret: two corpora with the same one give a subject the same
+    pseudonym) and whether every source is a synthetic cohort (`fmrilm synth` writes ROOT/synth.json)."""
+    roots = [sources.resolve(spec)[1] for spec in specs]
+    return {"pseudonym_scheme": pseudonymizer_for(roots).scheme_fingerprint(),
+            "synthetic": bool(roots) and all((Path(root) / "synth.json").is_file() for root in roots)}
+
+
 def _prepare_out(out: Path, inputs: dict, overwrite: bool) -> None:
     """Keep `out` to resume it when it was started from the same inputs (config, seed, source files: a key
     recorded by an older build is not compared), else refuse it unless `overwrite`."""
@@ -423,7 +432,7 @@ def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, 
                "shards": len(shards), "splits": manifest["split"].value_counts().to_dict(),
                "seconds": round(seconds, 2), "scans_per_s": round(len(records) / max(seconds, 1e-9), 2)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    record = inputs | {"shards": [s.name for s in shards], "summary": summary}
+    record = inputs | {"shards": [s.name for s in shards], "summary": summary, **identity_of(specs)}
     _write_atomic(out / COMPLETE, json.dumps(record, indent=1))  # last: the corpus is finished
     return summary
 

@@ -28,6 +28,12 @@ class Pseudonymizer:
         msg = f"{dataset}\x00{subject}".encode()
         return hashlib.blake2b(msg, key=self._secret, digest_size=6).hexdigest()
 
+    def scheme_fingerprint(self) -> str:
+        """Names the secret without revealing it: two corpora with the same fingerprint give a subject the same
+        pseudonym, so their keys can be compared (a model's training subjects against a corpus's test subjects).
+        A keyed hash of a fixed message; neither the secret nor any pseudonym can be derived from it."""
+        return hashlib.blake2b(b"fmrilm pseudonym scheme", key=self._secret, digest_size=8).hexdigest()
+
     @classmethod
     def from_env(cls) -> Pseudonymizer | None:
         """The lab's secret from the environment, or None when none is set."""

@@ -362,6 +362,13 @@ def _corpus_file(corpus: str | Path, name: str, storage_options: dict | None) ->
     return fs, path
 
 
+def read_corpus_file(corpus: str | Path, name: str, *, storage_options: dict | None = None) -> bytes:
+    """The bytes of a file at the corpus root (`norms.json`, `complete.json`, ...); InputError when missing."""
+    fs, path = _corpus_file(corpus, name, storage_options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
 def read_manifest(corpus: str | Path, *, storage_options: dict | None = None) -> pd.DataFrame:
     """`manifest.parquet`: one row per scan (key, dataset, subject, session, run, split, status, error, index,
     ...), failed scans included."""

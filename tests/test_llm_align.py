@@ -3,6 +3,8 @@ rows, training, resume, export and stock loading, bad input."""
 
 from __future__ import annotations
 
+import shutil
+
 import json
 import subprocess
 import sys
@@ -253,6 +255,7 @@ def test_bad_inputs_fail_in_one_line_before_training(stage1, llm_dir, tmp_path):
     from tokenizer_train.model import BrainTokenizer
 
     BrainTokenizer(config).save_pretrained(other)
+    shutil.copy(tok_dir / "lineage.json", other)  # the same training data, another ROI count
     with pytest.raises(InputError, match=f"N={N_ROIS + 1}"):
         train(align_cfg(llm_dir), AlignInputs(corpus, other, tmp_path / "y"), LocalRuntime(tmp_path / "y" / "c"))
 

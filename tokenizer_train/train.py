@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from corpus_builder.lineage import stage_lineage
 from corpus_builder.readers import read_reference, roi_network_groups
 from fmrilm_core.checkpoint import config_fingerprint, load_checkpoint, resume_point, save_checkpoint
 from fmrilm_core.engine import gathered
 from fmrilm_core.errors import InputError
+from fmrilm_core.lineage import write_lineage
+from fmrilm_core.model_card import write_model_card
 from fmrilm_core.runtime import Runtime
 from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.data import ScanBatches
@@ -74,6 +77,7 @@ def train(cfg: TokenizerTrainConfig, inputs: TokenizerInputs, runtime: Runtime) 
     """Train the tokenizer on `inputs.corpus`, export it to `inputs.out/tokenizer`; returns the final validation
     metrics."""
     corpus, out = Path(inputs.corpus), Path(inputs.out)
+    lineage = stage_lineage("tokenizer", corpus, None)  # a corpus that cannot say whom it holds fails first
     m = cfg.model
     train_data = ScanBatches(corpus, "train", cfg.batch_size, length=m.length, n_rois=m.n_rois, seed=cfg.seed,
                              rank=runtime.rank, world_size=runtime.world_size)
@@ -111,6 +115,11 @@ def train(cfg: TokenizerTrainConfig, inputs: TokenizerInputs, runtime: Runtime) 
     with gathered(engine.module):
         if runtime.rank == 0:
             engine.module.tokenizer.save_pretrained(out / "tokenizer")
+            write_lineage(out / "tokenizer", lineage)
+            write_model_card(out / "tokenizer", kind="tokenizer", title="fMRI-LM stage 1 (brain tokenizer)",
+                             summary="Turns a scan's ROI time series into discrete brain tokens whose codebook lives "
+                                     "in the target LLM's embedding space.", lineage=lineage,
+                             config=cfg.model_dump(mode="json"))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return metrics | {"final_loss": float(losses["loss"]) if cfg.steps > start else float("nan")}
