@@ -274,10 +274,12 @@ def _ask(cfg: PipelineConfig, model: Path, scan: str, corpus: Path | None, quest
     from llm_train.ask import BrainReader, choices_in
 
     reader = BrainReader(model)
+    note = ""
     if corpus is not None and not Path(scan).is_file():
         scans = open_zarr(corpus)
         if scan not in scans:
             raise InputError(f"{corpus}: no scan with key {scan!r}")
+        note = reader.check_corpus(corpus, scan)
         x, labels = scans[scan], [str(x) for x in read_rois(corpus)["label"]]
     elif Path(scan).is_file():
         source = cfg.corpus.source.model_copy(deep=True)
@@ -288,8 +290,10 @@ def _ask(cfg: PipelineConfig, model: Path, scan: str, corpus: Path | None, quest
     named = choices.split(",") if choices is not None else choices_in(question)
     if named is not None:
         scored = reader.choose(x, question, named, labels)
-        return "\n".join(f"{p:.3f}  {choice}" for choice, p in scored.items())
-    return reader.ask(x, question, max_new_tokens, labels) or "(the model generated no text)"
+        answer = "\n".join(f"{p:.3f}  {choice}" for choice, p in scored.items())
+    else:
+        answer = reader.ask(x, question, max_new_tokens, labels) or "(the model generated no text)"
+    return f"{answer}\n{note}" if note else answer
 
 
 @app.command("eval")
@@ -311,12 +315,19 @@ def eval_cmd(
                                    "[eval.tuned]")] = None,
     max_test: Annotated[int | None, typer.Option(help="score at most this many test scans per task")] = None,
     examples: Annotated[int | None, typer.Option(help="test scans described in the report [eval.examples: 4]")] = None,
+    external: Annotated[bool, typer.Option(
+        "--external", help="a cohort that shares no subject with the model's training data: every scan of it is "
+                           "scored, examples and baselines come from the model's own training corpus")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="continue the fine-tunings in --out; refuse (instead of redoing) one made from another "
+                         "model, corpus or settings")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Score a model folder on the paper's tasks (test split), beside the Fisher-z FC baseline and a probe on the
-    stage-1 features: metrics.json, a self-contained report.html, and the table here. Options left out come from
-    the config's `eval` section."""
+    stage-1 features: metrics.json, a self-contained report.html, and the table here, every figure with a 95 %
+    bootstrap interval over test subjects. The corpus must be the one the model was trained on (checked against the
+    model's lineage) unless --external. Options left out come from the config's `eval` section."""
     from cluster.pipeline import run_eval, tracker_for
     from llm_train.task_eval import metrics_table
 
@@ -325,7 +336,8 @@ def eval_cmd(
     overrides += [f"eval.{key}={value}" for key, value in
                   (("tuned", tuned), ("max_test", max_test), ("examples", examples)) if value is not None]
     cfg = _load(config, [*(set_ or []), *overrides])
-    result = _guard(run_eval, cfg, model, corpus, out, tracker_for(cfg, cfg.workdir))
+    result = _guard(run_eval, cfg, model, corpus, out, tracker_for(cfg, cfg.workdir), external=external,
+                    resume=resume)
     import json
 
     typer.echo(metrics_table(json.loads((out / "metrics.json").read_text())))

@@ -203,9 +203,12 @@ def run_llm_instruct(cfg: PipelineConfig, model: Path, corpus: Path, out: Path, 
 
 
 def run_eval(cfg: PipelineConfig, model: Path, corpus: Path, out: Path, tracker: Tracker,
-             parent: StageRun | None = None, input_run_id: str | None = None) -> StageResult:
+             parent: StageRun | None = None, input_run_id: str | None = None, *, external: bool = False,
+             resume: bool = False) -> StageResult:
     """The eval stage: the model folder `model` on the test split of `corpus`, as the config's `eval` section says
-    (the `train_n` / `tuned` fine-tuning with its `instruct` section, steps `eval.finetune_steps`), into `out`
+    (the `train_n` / `tuned` fine-tuning with its `instruct` section: `eval.finetune_steps` steps for `train_n`,
+    `eval.tuned_epochs` epochs for `tuned`; `external`: every scan of a cohort that shares no subject with the model's
+    lineage; `resume`: refuse a stale fine-tuning instead of redoing it), into `out`
     (metrics.json, predictions.json, eval.json, report.html) inside an MLflow run with the figures as metrics
     `<task>/<protocol>/<metric>` (also the summary) and the files as artifacts."""
     from cluster.launch import step_reporter
@@ -216,11 +219,13 @@ def run_eval(cfg: PipelineConfig, model: Path, corpus: Path, out: Path, tracker:
     if ev.finetune_steps is not None:
         tune = tune.model_copy(update={"steps": ev.finetune_steps, "checkpoint_every": ev.finetune_steps,
                                        "eval_every": ev.finetune_steps})
-    params = {**flatten(ev), "model": str(model), "corpus": str(corpus), "seed": cfg.seed}
+    params = {**flatten(ev), "model": str(model), "corpus": str(corpus), "seed": cfg.seed, "external": external}
     with tracker.run("eval", parent=parent, params=params, input_run_id=input_run_id) as run:
         metrics = evaluate_tasks(model, corpus, out, tasks=ev.tasks, shots=tuple(ev.shots), seed=cfg.seed,
                                  max_test=ev.max_test, examples=ev.examples, train_n=tuple(ev.train_n),
-                                 tuned=ev.tuned, instruct_cfg=tune, progress_fn=step_reporter)
+                                 tuned=ev.tuned, tuned_epochs=ev.tuned_epochs, instruct_cfg=tune,
+                                 progress_fn=step_reporter, external=external, resume=resume,
+                                 regression=ev.regression_decoding, temperature=ev.temperature_scaling)
         summary = flat_metrics(metrics)
         run.log_metrics({k: v for k, v in summary.items() if math.isfinite(v)})
         for name in ("metrics.json", "predictions.json", "eval.json", "report.html"):

@@ -74,8 +74,25 @@ class BrainReader:
     """A loaded model folder that answers questions about scans."""
 
     def __init__(self, directory: Path, device: str = "cpu"):
-        self.model, self.tokenizer, self.brain_tokenizer, self.meta = load_aligned(Path(directory), device)
+        self.directory = Path(directory)
+        self.model, self.tokenizer, self.brain_tokenizer, self.meta = load_aligned(self.directory, device)
         self.device = device
+
+    def check_corpus(self, corpus: Path, key: str) -> str:
+        """Before answering about the scan `key` of `corpus`: the corpus's test subjects must not be training
+        subjects of any stage of the model's lineage (else its split assignment is not the model's: one-line error).
+        Returns a note when the scan's own subject was trained on (its answer is then no held-out figure)."""
+        from corpus_builder.lineage import corpus_fingerprint, split_subjects, subjects_of_keys
+        from fmrilm_core.lineage import STAGE_NAMES, chain, check_subjects, read_lineage
+
+        lineage = read_lineage(self.directory)
+        fingerprint = corpus_fingerprint(corpus)
+        check_subjects(lineage, fingerprint, split_subjects(corpus, "test"), "test")
+        subject = subjects_of_keys(corpus, [key])
+        seen = [STAGE_NAMES.get(s["stage"], s["stage"]) for s in chain(lineage)
+                if s["corpus"].get("pseudonym_scheme") == fingerprint["pseudonym_scheme"]
+                and subject & set(s.get("trained_subjects", []))]
+        return f"(this scan's subject was in the training data of {', '.join(seen)})" if seen else ""
 
     def check(self, x: np.ndarray, labels: list[str] | None = None) -> None:
         shape = (self.meta["length"], self.meta["n_rois"])

@@ -56,7 +56,7 @@ def _folds(y: np.ndarray, groups: np.ndarray, classification: bool) -> int:
 
 def fit_predict(features_train: np.ndarray, y_train: np.ndarray, groups: np.ndarray, features_test: np.ndarray,
                 classification: bool, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """Test-split predictions (class-1 probabilities, or values) of the linear model whose regularisation was chosen
+    """Test-split predictions (log-odds of class 1, or values) of the linear model whose regularisation was chosen
     by grouped CV on the training split; and what was chosen ({'param', 'value', 'folds'})."""
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedGroupKFold
@@ -78,5 +78,6 @@ def fit_predict(features_train: np.ndarray, y_train: np.ndarray, groups: np.ndar
     else:  # too few subjects to cross-validate: the middle of the grid
         chosen = float(grid[len(grid) // 2])
         fitted = model.set_params(**{param: chosen}).fit(features_train, y_train)
-    pred = fitted.predict_proba(features_test)[:, 1] if classification else fitted.predict(features_test)
+    # a classification's prediction is its log-odds of class 1 (the LLM's figures come from log-odds too)
+    pred = fitted.decision_function(features_test) if classification else fitted.predict(features_test)
     return pred, {"param": param.split("__")[1], "value": chosen, "folds": folds}

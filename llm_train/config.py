@@ -123,8 +123,15 @@ class EvalConfig(StrictModel):
     train_n: list[int] = Field(default_factory=list, description="few-shot fine-tuning: tune a copy of the model on "
                                                                  "N class-balanced train subjects per task")
     tuned: bool = Field(False, description="fully tuned: tune a copy of the model on every train scan of each task")
-    finetune_steps: int | None = Field(None, ge=1, description="steps of the train_n / tuned fine-tuning (the "
-                                                               "instruct section's other settings); None = its steps")
+    tuned_epochs: float = Field(1.0, gt=0, description="passes of the tuned fine-tuning over every labelled train "
+                                                       "scan of the task (steps = epochs x scans / batch size)")
+    finetune_steps: int | None = Field(None, ge=1, description="steps of the train_n fine-tuning (the instruct "
+                                                               "section's other settings); None = its steps")
+    regression_decoding: Literal["greedy", "expected"] = Field(
+        "greedy", description="greedy: constrained greedy decoding of a number; expected: the probability-weighted "
+                              "mean over a grid of train-split values scored as answers")
+    temperature_scaling: bool = Field(True, description="fit a temperature on the val split's scans and report the "
+                                                        "ECE after it beside the ECE before")
     max_test: int | None = Field(None, ge=1, description="score at most this many test scans per task")
     examples: int = Field(4, ge=0, description="test scans whose generated description the report shows")
 

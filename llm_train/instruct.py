@@ -28,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from corpus_builder.lineage import stage_lineage
 from corpus_builder.readers import open_zarr, read_instructions
 from fmrilm_core.checkpoint import config_fingerprint, resume_point, save_checkpoint
 from fmrilm_core.engine import deepspeed_config, init_distributed
 from fmrilm_core.errors import InputError
+from fmrilm_core.lineage import folder_digest, read_lineage
 from fmrilm_core.runtime import Runtime
 from llm_train.config import InstructConfig
 from llm_train.data import encode_scans
@@ -167,8 +169,12 @@ def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict
 
     model_dir, corpus, out = Path(inputs.model), Path(inputs.corpus), Path(inputs.out)
     meta = check_atlas(model_dir, corpus)
-    fingerprint = config_fingerprint(cfg, NOT_FINGERPRINTED)
-    if inputs.items is not None:  # another training set is another run: never resume one from the other
+    lineage = stage_lineage("fine_tune" if inputs.items is not None else "instruct", corpus, read_lineage(model_dir),
+                            keys=None if inputs.items is None else [key for key, _ in inputs.items])
+    # another input model, corpus or training set is another run: never resume one from the other
+    fingerprint = "-".join([config_fingerprint(cfg, NOT_FINGERPRINTED), folder_digest(model_dir),
+                            lineage["corpus"]["splits_sha256"]])
+    if inputs.items is not None:
         digest = hashlib.sha256(json.dumps(inputs.items, sort_keys=True).encode()).hexdigest()[:16]
         fingerprint = f"{fingerprint}-{digest}"
     latest = resume_point(runtime, fingerprint)
@@ -227,7 +233,8 @@ def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict
                  runtime.rank, stage="instruct",
                  extra={"prompt_format": "chat", "lora": False, "aligned_from": str(model_dir.resolve()),
                         "instruct": {"types": list(cfg.types), "exclude_attributes": list(cfg.exclude_attributes),
-                                     "lora": cfg.lora.enabled, "steps": cfg.steps}})
+                                     "lora": cfg.lora.enabled, "steps": cfg.steps}},
+                 lineage=lineage, config=cfg.model_dump(mode="json"))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     del live  # a later load in this process (e.g. of the saved folder) is a plain one again
