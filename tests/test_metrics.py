@@ -38,8 +38,14 @@ def _width(ci: list[float]) -> float:
 def test_figures_equal_scikit_learn_and_scipy_on_fixed_data():
     from scipy.stats import pearsonr
     from sklearn.calibration import calibration_curve
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, mean_absolute_error, r2_score,
-                                 roc_auc_score)
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        f1_score,
+        mean_absolute_error,
+        r2_score,
+        roc_auc_score,
+    )
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 200)
