@@ -24,6 +24,7 @@ Resamples where a figure is undefined are handled, never left as a silent NaN:
   interval from the resamples where it is defined, and the count of the others is returned
   (`interval_details`; `add_intervals` records it as `ci_undefined`); defined in fewer than half of them, or undefined
   on the test split itself, it gets no interval (None).
+- fewer than two subjects in every stratum: nothing can be resampled, and no figure gets an interval (None).
 
 Paired differences (model minus FC baseline) resample the SAME subjects for both predictions: one statistic
 computes both figures on one gathered resample, so what varies is the difference, not two independent draws.
@@ -328,7 +329,7 @@ def add_intervals(entry: dict, y, predictions: dict, groups, seed: int = 0,
             figures.pop("ci_undefined", None)
         if name != FC and FC in predictions:
             figures["vs_fc_baseline"] = paired_difference(kind, y, pred, predictions[FC], groups, seed, n_resamples)
-    sub = _subjects(kind, _checked(kind, y, np.zeros_like(y))[0], groups)
+    sub = _subjects(kind, y, groups)
     entry["bootstrap"] = {"unit": "subject", "subjects": int(len(sub.counts)), "resamples": int(n_resamples),
                           "method": METHOD, "confidence": CONFIDENCE, "seed": int(seed),
                           "stratified_by_class": kind == "classification"}
