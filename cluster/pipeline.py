@@ -235,10 +235,34 @@ def run_eval(cfg: PipelineConfig, model: Path, corpus: Path, out: Path, tracker:
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
-    """metrics.json (task -> protocol -> figures) as `<task>/<protocol>/<metric>` numbers."""
-    return {f"{task}/{protocol}/{name}": value for task, entry in metrics.items()
-            for protocol, figures in entry.items() if isinstance(figures, dict)
-            for name, value in _numbers(figures).items()}
+    """metrics.json (task -> protocol -> figures) as MLflow numbers: `<task>/<protocol>/<metric>`, its 95 % interval
+    as `<metric>_ci_lo` / `<metric>_ci_hi`, its difference from the FC baseline as `<metric>_vs_fc` (interval
+    `<metric>_vs_fc_ci_lo` / `_ci_hi`). Anything else (a skipped task's reason, the chosen regularisation, the
+    bootstrap's settings, an undefined interval) is left out rather than failing the stage."""
+    out: dict[str, float] = {}
+    for task, entry in metrics.items():
+        if not isinstance(entry, dict):
+            continue
+        for protocol, figures in entry.items():
+            if not isinstance(figures, dict) or protocol == "bootstrap":
+                continue
+            prefix = f"{task}/{protocol}/"
+            out.update({prefix + k: v for k, v in _numbers(figures).items()})
+            for name, ci in (figures.get("ci") or {}).items() if isinstance(figures.get("ci"), dict) else ():
+                out.update({prefix + name + k: v for k, v in _interval(ci).items()})
+            versus = figures.get("vs_fc_baseline")
+            for name, d in versus.items() if isinstance(versus, dict) else ():
+                if isinstance(d, dict):
+                    out.update({prefix + f"{name}_vs_fc": v for v in _numbers({"d": d.get("diff")}).values()})
+                    out.update({prefix + f"{name}_vs_fc" + k: v for k, v in _interval(d.get("ci")).items()})
+    return out
+
+
+def _interval(ci) -> dict[str, float]:
+    """{"_ci_lo": lo, "_ci_hi": hi} of a [lo, hi] interval; {} of anything else (None: undefined)."""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return {k: v for k, v in zip(("_ci_lo", "_ci_hi"), (_numbers({"v": c}).get("v") for c in ci)) if v is not None}
+    return {}
 
 
 # ---- the pipeline: skip what is done, resume what was interrupted --------------------------------------

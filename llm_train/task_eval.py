@@ -311,20 +311,44 @@ def describe_examples(model, tokenizer, cache: ScanCache, corpus: Path, meta: di
 
 
 def metrics_table(metrics: dict) -> str:
-    """The terminal table: one line per task x protocol (baselines included), the main figures."""
-    cols = ("accuracy", "balanced_accuracy", "auc", "f1", "ece", "mae", "r", "r2", "misses")
-    heads = ("acc", "bal_acc", "auc", "f1", "ece", "mae", "r", "r2", "miss")
-    lines = [f"{'task':<20}{'protocol':<18}" + "".join(f"{h:>9}" for h in heads)]
+    """The terminal table (about 110 columns; its columns as wide as their widest cell): one line per task x protocol
+    (baselines included): the headline figure (AUC / MAE) and the second one (balanced accuracy / r) with their 95 %
+    intervals where metrics.json has them, the headline's difference from the FC baseline with its paired interval,
+    and the ECE (classification) or the misses (regression)."""
+    from llm_train.metrics import FC, HEADLINE, SECONDARY, protocols
+
+    short = {"balanced_accuracy": "bal_acc"}
+
+    def fig(figures: dict, metric: str) -> str:
+        v = figures.get(metric)
+        if not isinstance(v, (int, float)):
+            return ""
+        ci = (figures.get("ci") or {}).get(metric, "absent")
+        interval = "" if ci == "absent" else " [n/a]" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+        return f"{short.get(metric, metric)} {v:.3f}{interval}"
+
+    def diff(figures: dict, metric: str) -> str:
+        d = (figures.get("vs_fc_baseline") or {}).get(metric)
+        if not isinstance(d, dict):
+            return ""
+        ci = d.get("ci")
+        return f"{d['diff']:+.3f}" + (" [n/a]" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]")
+
+    head = ("task", "protocol", "headline [95% CI]", "second [95% CI]", f"vs {FC} [95% CI]", "other")
+    rows: list[tuple[str, ...]] = []
+    skipped: list[str] = []
     for task, entry in metrics.items():
         if "skipped" in entry:
-            lines.append(f"{task:<20}skipped: {entry['skipped']}")
+            skipped.append(f"{task}  skipped: {entry['skipped']}")
             continue
-        for protocol, figures in entry.items():
-            if not isinstance(figures, dict) or protocol == "regularisation":
-                continue
-            cells = []
-            for c in cols:
-                v = figures.get(c)
-                cells.append(f"{'':>9}" if v is None else f"{v:>9.0f}" if c == "misses" else f"{v:>9.3f}")
-            lines.append(f"{task:<20}{protocol:<18}" + "".join(cells))
-    return "\n".join(lines)
+        kind = entry.get("kind", "classification")
+        for protocol in protocols(entry):
+            figures = entry[protocol]
+            other = figures.get("ece" if kind == "classification" else "misses")
+            extra = "" if not isinstance(other, (int, float)) else (
+                f"ece {other:.3f}" if kind == "classification" else f"misses {other:.0f}")
+            rows.append((task, protocol, fig(figures, HEADLINE[kind]), fig(figures, SECONDARY[kind]),
+                         diff(figures, HEADLINE[kind]), extra))
+    widths = [max(len(r[i]) for r in [head] + rows) + 2 for i in range(len(head) - 1)]  # columns as wide as needed
+    lines = ["".join(c.ljust(w) for c, w in zip(r, widths)) + r[-1] for r in [head] + rows]
+    return "\n".join(line.rstrip() for line in lines + skipped)
