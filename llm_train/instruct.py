@@ -111,7 +111,7 @@ def select_items(items: dict[str, list[dict]], types, exclude, context=None) -> 
 
 
 def tuning_mix(corpus: Path, split: str, types, exclude) -> list[tuple[str, dict]]:
-    """`select_items` on the split's qa.json items, the phenotypes and captions read only if an old corpus needs them."""
+    """`select_items` on the split's qa.json items; phenotypes and captions are read only for an old corpus."""
     def context() -> tuple[dict, dict]:
         pheno = read_phenotypes(corpus, split)
         return {k: row.to_dict() for k, row in pheno.iterrows()}, read_captions(corpus, split)

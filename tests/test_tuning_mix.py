@@ -78,7 +78,7 @@ def test_excluded_attributes_leave_every_item_and_the_rest_stays():
     assert {item["type"] for _, item in selected} == set(TYPES)  # every kind of item is still trained on
     said = texts(selected)
     assert any(AGE.search(t) for t in said) and any("fluid intelligence" in t for t in said)
-    for key, item in selected:
+    for _, item in selected:
         assert item_attributes(item) <= {"age", "fluid_intelligence"}
         if item["type"] == "description":  # the caption is kept whole; only the sentence after it changed
             assert item["turns"][1]["content"].startswith(item["caption"].strip())
@@ -199,7 +199,7 @@ def test_stage2_captions_name_no_phenotype(full_corpus):
         assert len(captions) and set(captions) == set(pheno.index)
         for key, caption in captions.items():
             row = pheno.loc[key]
-            assert {k for k, v in canonical_answers(row.to_dict()).items()} == {
+            assert set(canonical_answers(row.to_dict())) == {
                 "sex", "age", "fluid_intelligence", "diagnosis"}  # this scan has every phenotype
             assert not sex_or_diagnosis(caption), (key, caption)
             assert not re.search(r"\b(age|aged|years?|old|fluid|intelligence|score)\b", caption, re.IGNORECASE)
@@ -237,3 +237,16 @@ def test_instruct_batches_train_on_the_leak_free_mix(full_corpus):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(instruct, "read_instructions", old_format)
         assert tuning_mix(full_corpus, "train", cfg.types, cfg.exclude_attributes) == data.items
+
+
+def test_brain_json_records_what_the_lineage_was_tuned_on():
+    from llm_train.instruct import lineage_attributes
+
+    selected = select_items(full_scans(6), TYPES, {"sex", "diagnosis"})
+    assert lineage_attributes(selected, {"stage": "align"}) == ["age", "fluid_intelligence"]
+    # tuned from a stage-3 folder: its weights also saw what that folder was tuned on
+    tuned = {"stage": "instruct", "instruct": {"trained_attributes": ["sex"]}}
+    assert lineage_attributes(selected, tuned) == ["age", "fluid_intelligence", "sex"]
+    # unknown stays unknown: given (key, turns) pairs carry no attribute; a stage-3 folder saved without the record
+    assert lineage_attributes(None, {"stage": "align"}) is None
+    assert lineage_attributes(selected, {"stage": "instruct", "instruct": {"exclude_attributes": ["sex"]}}) is None
