@@ -8,13 +8,24 @@ Every item is a plain JSON object:
     {"type": "qa" | "multi_turn" | "multi_target" | "description",
      "attribute": "sex" | ["sex", "age"] | "description",     # a list for multi_turn / multi_target
      "turns": [{"role": "user", "content": "Sex?"}, {"role": "assistant", "content": "Male"}, ...],
-     "answer": "Male" | {"sex": "Male", "age": "63 years (60s)"} | "<description text>"}
+     "answer": "Male" | {"sex": "Male", "age": "63 years (60s)"} | "<description text>",
+     "caption": "<caption>", "context": {"sex": "Male", ...}}        # description items only
 
 - `qa`: one question about one attribute, the answer is the canonical answer.
 - `multi_turn`: 2-3 attributes asked one after the other in one conversation (user/assistant alternating).
 - `multi_target`: one question asking for 2-3 attributes at once, answered as "Sex: Male. Age: 63 years (60s)."
 - `description`: an open-ended request; the answer is the caption plus one sentence of phenotype context built
-  only from the phenotypes the scan has.
+  only from the phenotypes the scan has. The item also keeps its two pieces, `caption` and `context` (the canonical
+  answers the sentence names), so stage 3 can rebuild it without some attributes.
+
+Leaving attributes out of the tuning mix (`without_attributes`, the zero-shot protocol of `fmrilm eval`) must take
+them out of every item, not only drop the items that ask about them: a description still ending "... a 63-year-old
+male participant diagnosed with ADHD." would teach sex and ADHD all the same. So qa items of an excluded attribute
+go, multi-turn / multi-target items lose its turns / its part of the question and reply (and go when nothing is
+left), and description items get their context sentence rebuilt from the remaining phenotypes. `item_attributes`
+says which attributes an item teaches; stage 3 records the union over the items it trained on, and eval reads it.
+Corpora built before `caption` / `context` existed still work: pass the scan's phenotypes and caption (the corpus
+readers have both) and the description is rebuilt from them.
 
 The scan itself is not in the item: the stage-3 trainer puts the scan's brain tokens in front of the first user
 turn. Canonical answers: sex "Male" / "Female"; age "63 years (60s)" (rounded years and the decade);
@@ -111,14 +122,14 @@ def canonical_answers(phenotypes: dict) -> dict[str, str]:
     return {k: out[k] for k in PHENOTYPES if k in out}
 
 
-def phenotype_sentence(phenotypes: dict) -> str:
-    """One sentence of context from the available phenotypes ('' when there are none)."""
-    answers = canonical_answers(phenotypes)
+def context_sentence(answers: dict[str, str]) -> str:
+    """One sentence of context from canonical answers (`canonical_answers`; '' when there are none)."""
+    answers = {k: answers[k] for k in PHENOTYPES if k in answers}
     if not answers:
         return ""
     words = []
     if "age" in answers:
-        words.append(f"{_years(float(phenotypes['age']))}-year-old")
+        words.append(f"{int(answers['age'].split()[0])}-year-old")  # "63 years (60s)" -> 63
     if "sex" in answers:
         words.append(answers["sex"].lower())
     words.append("participant")
@@ -130,6 +141,11 @@ def phenotype_sentence(phenotypes: dict) -> str:
     if "fluid_intelligence" in answers:
         tail.append(f"with a fluid intelligence score of {answers['fluid_intelligence']}")
     return f"The scan comes from {article} {' '.join(words)}" + (" " + ", ".join(tail) if tail else "") + "."
+
+
+def phenotype_sentence(phenotypes: dict) -> str:
+    """One sentence of context from the available phenotypes ('' when there are none)."""
+    return context_sentence(canonical_answers(phenotypes))
 
 
 def _turns(*pairs: tuple[str, str]) -> list[dict]:
@@ -171,11 +187,92 @@ def instruction_items(phenotypes: dict, caption: str, seed: int, cfg: Instructio
             items.append({"type": "multi_target", "attribute": chosen, "turns": _turns((question, reply)),
                           "answer": {a: answers[a] for a in chosen}})
     if cfg.description and caption:
-        context = phenotype_sentence(phenotypes)
-        text = caption.strip() + (" " + context if context else "")
-        items.append({"type": "description", "attribute": "description",
-                      "turns": _turns((rng.choice(DESCRIBE), text)), "answer": text})
+        items.append(_description(rng.choice(DESCRIBE), caption, answers))
     return items
 
 
-__all__ = ["QUESTIONS", "canonical_answers", "instruction_items", "phenotype_sentence"]
+def _description(request: str, caption: str, context: dict[str, str]) -> dict:
+    sentence = context_sentence(context)
+    text = caption.strip() + (" " + sentence if sentence else "")
+    return {"type": "description", "attribute": "description", "turns": _turns((request, text)), "answer": text,
+            "caption": caption, "context": dict(context)}
+
+
+def _multi_attrs(item: dict) -> list[str]:
+    attrs = item["attribute"]
+    return list(attrs) if isinstance(attrs, list) else [attrs]
+
+
+def _first_question(attr: str, asked: str) -> str:
+    """The opening question for `attr` where its turn was a follow-up ("And the age?" cannot open a conversation):
+    the opening phrasing at the follow-up's index, so the rewrite is deterministic and still varies."""
+    follow = FOLLOW_UPS[attr]
+    k = follow.index(asked) if asked in follow else 0
+    return QUESTIONS[attr][k % len(QUESTIONS[attr])]
+
+
+def _target_question(asked: str, before: list[str], after: list[str]) -> str:
+    """The multi-target question for the attributes `after`, in the phrasing `asked` used for `before`."""
+    template = next((t for t in MULTI_TARGET if t.format(list=_listing(before)) == asked), MULTI_TARGET[0])
+    question = template.format(list=_listing(after))
+    return question.replace("What are the ", "What is the ") if len(after) == 1 else question
+
+
+def without_attributes(item: dict, exclude, phenotypes: dict | None = None, caption: str | None = None
+                       ) -> dict | None:
+    """`item` as it reads with the attributes in `exclude` taken out of every turn; None when nothing is left.
+
+    qa: None if its attribute is excluded. multi_turn: the excluded attributes' question/answer pairs removed (a
+    follow-up that now opens the conversation becomes an opening question); multi_target: the question asks for, and
+    the reply gives, the remaining attributes only; either is None with no attribute left and stays (still of its
+    type) with one. description: the context sentence rebuilt from the remaining phenotypes; it always stays (the
+    caption is phenotype-free). A description item of a corpus built before `caption` / `context` were stored needs
+    the scan's `phenotypes` (a dict as `canonical_answers` reads it) and `caption`; the result has both fields, so
+    `item_attributes` can read it. The input item is never changed."""
+    exclude = set(exclude)
+    kind = item["type"]
+    if kind == "qa":
+        return None if item["attribute"] in exclude else dict(item)
+    if kind == "description":
+        if "caption" in item and "context" in item:
+            caption, context = item["caption"], item["context"]
+        elif phenotypes is not None and caption is not None:
+            context = canonical_answers(phenotypes)
+        else:
+            raise ValueError("a description item without its caption and context: pass the scan's phenotypes and "
+                             "caption")
+        request = item["turns"][0]["content"]
+        return _description(request, caption, {k: v for k, v in context.items() if k not in exclude})
+    if kind not in ("multi_turn", "multi_target"):
+        raise ValueError(f"unknown instruction item type {kind!r}")
+    before = _multi_attrs(item)
+    kept = [a for a in before if a not in exclude]
+    if not kept:
+        return None
+    if kept == before:
+        return dict(item)
+    answers = {a: item["answer"][a] for a in kept}
+    if kind == "multi_turn":
+        asked = dict(zip(before, (t["content"] for t in item["turns"][0::2])))
+        if kept[0] != before[0]:
+            asked[kept[0]] = _first_question(kept[0], asked[kept[0]])
+        turns = _turns(*[(asked[a], answers[a]) for a in kept])
+    else:
+        question = _target_question(item["turns"][0]["content"], before, kept)
+        turns = _turns((question, " ".join(f"{LABELS[a][:1].upper()}{LABELS[a][1:]}: {answers[a]}." for a in kept)))
+    return {**item, "attribute": kept, "turns": turns, "answer": answers}
+
+
+def item_attributes(item: dict) -> set[str]:
+    """The attributes (of `records.PHENOTYPES`) an item teaches: a qa item's attribute, every attribute of a
+    multi-turn / multi-target item, the phenotypes a description's context sentence names. An old-format description
+    (no `context`) raises: rewrite it with `without_attributes` first."""
+    if item["type"] == "description":
+        if "context" not in item:
+            raise ValueError("a description item without its context: rewrite it with without_attributes first")
+        return set(item["context"])
+    return set(_multi_attrs(item))
+
+
+__all__ = ["DIAGNOSES", "QUESTIONS", "canonical_answers", "context_sentence", "instruction_items", "item_attributes",
+           "phenotype_sentence", "without_attributes"]

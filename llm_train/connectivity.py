@@ -13,6 +13,15 @@ Networks are the corpus's (`rois.tsv`); a pair without any ROI pair (a one-ROI n
 The bins are fitted on the train split's scans (no labels) when stage 2 starts and saved in the model folder's
 `brain.json`, so stage 3, `fmrilm eval` and `fmrilm ask` level every scan the same way.
 
+A scan whose FC is NaN for some network pair (every ROI pair of the block touches a constant ROI: a network with
+fewer than two usable ROIs, or none on one side) is an InputError naming the scan and the pair, when the bins are
+fitted and when a scan is levelled; it never becomes a level. Why not an "unknown" level: NaN compared with the
+edges read as level 0 ("very low"), a confident claim about a network the scan does not measure; a separate
+token would change every model folder's vocabulary layout (P x bins rows, which scoring and saved folders rely on)
+for what the corpus build should rule out (it fails scans with too many constant ROIs, but counts them per scan,
+not per network). No warnings arise here (the descriptors' FC and block means avoid empty slices), so nothing is
+muted.
+
 Layout: after the codes, before `<|scan_end|>`: `<|scan_start|> codes (W x N) fc (P) <|scan_end|> text`. F2F never
 sees them (its block is the codes alone). Each token's embedding starts as the LLM's mean embedding of a phrase
 ("Default-Vis connectivity: very low"), so the LLM reads it as words before any step; stage 2 and 3 train the rows
@@ -21,6 +30,7 @@ as they train the brain rows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -56,6 +66,20 @@ def network_fc(x, membership: np.ndarray, pairs: list[tuple[int, int]]) -> torch
     return torch.from_numpy(out).float()
 
 
+def check_finite(values: np.ndarray, pairs: list[tuple[int, int]], networks: list[str],
+                 keys: Sequence[str] | None = None, source: str = "connectivity tokens") -> None:
+    """InputError naming the first scan (its key, else its position) and network pair whose FC `values` [S, P] is
+    NaN: no level can say something true about it."""
+    bad = np.argwhere(~np.isfinite(values))
+    if len(bad):
+        s, p = (int(v) for v in bad[0])
+        a, b = pairs[p]
+        scan = f"scan {keys[s]}" if keys is not None else f"the scan at position {s}"
+        raise InputError(f"{source}: {scan} has no FC for network pair {networks[a]}-{networks[b]} (no usable ROI "
+                         f"pair: constant series); drop the scan or set align.connectivity_bins=0"
+                         + (f" ({len({int(v) for v in bad[:, 0]})} scans like it here)" if len(bad) > 1 else ""))
+
+
 @dataclass(frozen=True)
 class ConnectivityTokens:
     """How a scan becomes P connectivity tokens, and where they sit in the vocabulary (first_id, set when added)."""
@@ -81,8 +105,10 @@ class ConnectivityTokens:
         return len(self.pairs) * self.bins
 
     @classmethod
-    def fit(cls, series, labels: list[str], bins: int, source: str = "corpus") -> ConnectivityTokens:
-        """Bins from the scans of `series` (an iterable of X [B, T, N] batches); `labels`: each ROI's network."""
+    def fit(cls, series, labels: list[str], bins: int, source: str = "corpus",
+            keys: Sequence[str] | None = None) -> ConnectivityTokens:
+        """Bins from the scans of `series` (an iterable of X [B, T, N] batches); `labels`: each ROI's network;
+        `keys`: the scans' keys in the order of `series`, to name a scan with a NaN pair (else its position)."""
         if not 2 <= bins <= 16:
             raise InputError(f"connectivity bins {bins}: use 0 (off) or 2..16")
         if any(not isinstance(v, str) or not v for v in labels):
@@ -94,29 +120,33 @@ class ConnectivityTokens:
         if not pairs:
             raise InputError(f"{source}: no network has two ROIs, so there is no connectivity to tokenize")
         values = torch.cat([network_fc(x, membership, pairs) for x in series]).numpy()
+        check_finite(values, pairs, networks, keys, source)  # a NaN scan would silently drop out of the quantiles
         if len(values) < bins:
             raise InputError(f"{source}: {len(values)} train scans cannot fit {bins} connectivity levels")
-        edges = np.nanquantile(values, np.linspace(0, 1, bins + 1)[1:-1], axis=0).T  # [P, bins - 1]
+        edges = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1], axis=0).T  # [P, bins - 1]
         return cls(networks=networks, membership=membership.tolist(), pairs=[tuple(p) for p in pairs],
                    edges=edges.tolist())
 
-    def values(self, x: torch.Tensor) -> torch.Tensor:
-        """X [B, T, N] -> network-pair mean Fisher z [B, P]."""
+    def values(self, x: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
+        """X [B, T, N] -> network-pair mean Fisher z [B, P]; InputError for a scan with a NaN pair (`keys`, when
+        given, name the scans in the message, else their position in the batch)."""
         if x.shape[-1] != len(self.membership):
             raise InputError(f"connectivity tokens: a scan has {x.shape[-1]} ROIs, the model's atlas "
                              f"{len(self.membership)}")
-        return network_fc(x, np.asarray(self.membership), self.pairs)
+        values = network_fc(x, np.asarray(self.membership), self.pairs)
+        check_finite(values.numpy(), self.pairs, self.networks, keys)
+        return values
 
-    def levels(self, x: torch.Tensor) -> torch.Tensor:
+    def levels(self, x: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
         """X [B, T, N] -> level of every pair [B, P] (0 .. bins - 1)."""
-        values = self.values(x)
+        values = self.values(x, keys)
         return (values[:, :, None] > torch.tensor(self.edges, dtype=values.dtype)[None]).sum(-1)
 
-    def ids(self, x: torch.Tensor) -> torch.Tensor:
+    def ids(self, x: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
         """X [B, T, N] -> vocabulary ids [B, P]."""
         if self.first_id < 0:
             raise ValueError("connectivity tokens are not in a vocabulary yet (add_to)")
-        return self.first_id + torch.arange(self.n_tokens) * self.bins + self.levels(x)
+        return self.first_id + torch.arange(self.n_tokens) * self.bins + self.levels(x, keys)
 
     def names(self) -> list[str]:
         return [connectivity_token(p, level) for p in range(self.n_tokens) for level in range(self.bins)]
@@ -174,4 +204,4 @@ def fit_on_corpus(corpus, bins: int, batch: int = 64, max_scans: int = 4096) -> 
         keys = [keys[i] for i in np.linspace(0, len(keys) - 1, max_scans).round().astype(int)]
     zarr = open_zarr(corpus)
     return ConnectivityTokens.fit((zarr.batch(keys[i:i + batch]) for i in range(0, len(keys), batch)), labels,
-                                  bins, source=str(corpus))
+                                  bins, source=str(corpus), keys=keys)

@@ -14,7 +14,9 @@ brain rows, as in stage 2) are trained and merged again before saving, so the st
 
 ZeRO 0-3, as in stage 2 (`llm_train.zero3`): under ZeRO-3 the DeepSpeed config is alive before the stage-2 folder
 loads, so `from_pretrained` partitions its weights; merges run on gathered weights, and saving gathers them.
-Attributes in `exclude_attributes` are left out of the tuning mix (the zero-shot protocol of `fmrilm eval`).
+Attributes in `exclude_attributes` are left out of the tuning mix (the zero-shot protocol of `fmrilm eval`): out of
+every item, not only the items that ask about them (`select_items`; a description's phenotype sentence is rebuilt
+without them). brain.json's `instruct.trained_attributes` records what the trained items did teach (`item_attributes`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from corpus_builder.instructions import item_attributes, without_attributes
 from corpus_builder.lineage import stage_lineage
-from corpus_builder.readers import open_zarr, read_instructions
+from corpus_builder.readers import open_zarr, read_captions, read_instructions, read_phenotypes
 from fmrilm_core.checkpoint import config_fingerprint, resume_point, save_checkpoint
 from fmrilm_core.engine import deepspeed_config, init_distributed
 from fmrilm_core.errors import InputError
@@ -84,9 +87,56 @@ class ChatFormat:
         return ids, labels
 
 
-def _excluded(item: dict, exclude: set[str]) -> bool:
-    attrs = item["attribute"] if isinstance(item["attribute"], list) else [item["attribute"]]
-    return any(a in exclude for a in attrs)
+def select_items(items: dict[str, list[dict]], types, exclude, context=None) -> list[tuple[str, dict]]:
+    """The tuning mix: (scan key, item) of every item of `types` in `items` ({key: qa.json items}), sorted by key,
+    each rewritten without the `exclude` attributes (`corpus_builder.instructions.without_attributes`: gone from
+    every turn, items left with none dropped). `context()`: ({key: phenotypes}, {key: caption}), called once and only
+    when a description item predates the stored caption / context (a corpus built before them)."""
+    exclude = set(exclude)
+    loaded = None
+    out = []
+    for key in sorted(items):
+        for item in items[key]:
+            if item["type"] not in types:
+                continue
+            pheno = caption = None
+            if item["type"] == "description" and not ("caption" in item and "context" in item):
+                if context is None:
+                    raise InputError(f"scan {key}: a description item without its caption and context, and no "
+                                     "phenotypes and captions to rebuild it from")
+                loaded = loaded if loaded is not None else context()
+                pheno, caption = loaded[0][key], loaded[1][key]
+            kept = without_attributes(item, exclude, pheno, caption)
+            if kept is not None:
+                out.append((key, kept))
+    return out
+
+
+def tuning_mix(corpus: Path, split: str, types, exclude) -> list[tuple[str, dict]]:
+    """`select_items` on the split's qa.json items; phenotypes and captions are read only for an old corpus."""
+    def context() -> tuple[dict, dict]:
+        pheno = read_phenotypes(corpus, split)
+        return {k: row.to_dict() for k, row in pheno.iterrows()}, read_captions(corpus, split)
+
+    return select_items(read_instructions(corpus, split), types, exclude, context)
+
+
+def trained_attributes(items: list[tuple[str, dict]]) -> list[str]:
+    """Sorted attributes (sex, age, fluid_intelligence, diagnosis) that any of the (key, item) pairs teaches
+    (`corpus_builder.instructions.item_attributes`)."""
+    return sorted(set().union(*(item_attributes(item) for _, item in items)))
+
+
+def lineage_attributes(items: list[tuple[str, dict]] | None, meta: dict) -> list[str] | None:
+    """brain.json's `instruct.trained_attributes`: the attributes the items of this run taught, with those its input
+    folder had been tuned on when that is a stage-3 folder itself (the weights saw both). None when unknown: the run
+    learnt given (key, turns) pairs that carry no attribute, or its input folder's record is unknown."""
+    if items is None:
+        return None
+    before = meta.get("instruct", {}).get("trained_attributes") if meta.get("stage") == "instruct" else []
+    if before is None:  # a stage-3 input saved before this record, or tuned on given pairs itself
+        return None
+    return sorted(set(trained_attributes(items)) | set(before))
 
 
 class InstructBatches:
@@ -96,12 +146,12 @@ class InstructBatches:
                  features: bool, rank: int = 0, world_size: int = 1, examples: tuple | None = None,
                  connectivity=None):
         exclude = set(cfg.exclude_attributes)
+        self.items: list[tuple[str, dict]] | None = None  # the qa.json items trained on (None for given pairs)
         if examples is not None:  # given (key, turns) pairs, e.g. the N subjects of few-shot fine-tuning
             self.examples = [(key, list(turns)) for key, turns in examples]
-        else:
-            items = read_instructions(corpus, split)
-            self.examples = [(key, item["turns"]) for key in sorted(items) for item in items[key]
-                             if item["type"] in cfg.types and not _excluded(item, exclude)]
+        else:  # excluded attributes leave every item, descriptions included: a zero-shot task is never in the mix
+            self.items = tuning_mix(corpus, split, cfg.types, exclude)
+            self.examples = [(key, item["turns"]) for key, item in self.items]
         if not self.examples:
             raise InputError(f"{corpus}: no instruction items of types {cfg.types} in the {split} split "
                              f"(excluding {sorted(exclude)})")
@@ -233,6 +283,7 @@ def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict
                  runtime.rank, stage="instruct",
                  extra={"prompt_format": "chat", "lora": False, "aligned_from": str(model_dir.resolve()),
                         "instruct": {"types": list(cfg.types), "exclude_attributes": list(cfg.exclude_attributes),
+                                     "trained_attributes": lineage_attributes(train_data.items, meta),
                                      "lora": cfg.lora.enabled, "steps": cfg.steps}},
                  lineage=lineage, config=cfg.model_dump(mode="json"))
     if torch.distributed.is_initialized():

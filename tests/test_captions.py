@@ -320,6 +320,8 @@ def test_instruction_items_full_structure():
     (description,) = [i for i in items if i["type"] == "description"]
     assert description["answer"] == (caption + " The scan comes from a 63-year-old male participant diagnosed with "
                                      "Alzheimer's disease, with a fluid intelligence score of 7.")
+    # its two pieces are kept, so stage 3 can rebuild it without an attribute
+    assert (description["caption"], description["context"]) == (caption, answers)
 
 
 def test_question_phrasings_vary_with_seed():
