@@ -94,10 +94,10 @@ def in_tuning_mix(meta: dict, attribute: str) -> bool | None:
     instruct = meta.get("instruct")
     if instruct is None:
         return None
-    if "trained_attributes" not in instruct:
-        raise InputError("the stage-3 folder does not record which attributes its tuning items named "
-                         "(trained_attributes); retrain it with this version")
-    return attribute in instruct["trained_attributes"]
+    if "trained_attributes" not in instruct:  # saved before the record: its descriptions named every phenotype
+        return True
+    trained = instruct["trained_attributes"]
+    return None if trained is None else attribute in trained
 
 
 def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str] | None = None,
@@ -249,6 +249,7 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
         if temperatures:
             entry["temperature"] = temperatures
         subjects = test_pheno.loc[test_keys, "subject"].astype(str).to_numpy()
+        preds["subjects"] = subjects.tolist()  # the bootstrap's unit (pseudonyms, as in the corpus's keys)
         add_intervals(entry, y_test, {name: np.asarray(preds[name], float) for name in entry
                                       if isinstance(entry[name], dict) and name in preds}, subjects, seed)
         metrics[task.name] = entry
