@@ -7,27 +7,40 @@ first, each a whole `scan question answer eos` block, then the scan asked about.
 
 Classification: every answer option is scored by its log-likelihood given the prompt, summed over the option's
 tokens and what closes an answer (eos; in `chat` the template's end of an assistant turn), so an option is a whole
-answer, not the prefix of a longer one; over the whole vocabulary; the options' probabilities are the softmax of
-those sums. Accuracy, balanced accuracy, AUC, F1 and calibration all come from the same probabilities.
+answer, not the prefix of a longer one; over the whole vocabulary. `option_scores` returns those sums and their
+mean per token, in float64; a two-option classifier's score is the log-odds `log_odds(scores)`, which keeps the
+ranking of scans that a float64 softmax would round to exactly 0 or 1 (ties in the AUC). The options'
+probabilities (`option_probabilities`) are the softmax of the sums; accuracy, F1 and calibration come from them.
 
 Regression: constrained numeric decoding. The first token must be numeric (digits, a point, optionally a leading
 space); after it the model continues with the best numeric token, or stops where a non-numeric token (eos, " years")
 beats every numeric one; at most `max_tokens`. A text that does not parse as a number is a miss: counted, and left
-out of MAE, r and R^2.
+out of MAE, r and R^2. `expected_values` instead scores every value of a grid as an answer option and returns the
+probability-weighted mean: a prediction for every scan (no misses) that moves smoothly with the model's belief.
+
+Speed (KV cache): the prompt is run in three parts, each once. The in-context examples are the same for every test
+scan of a task and protocol, so `shot_prefix(model, shots)` runs them once (one row) and keeps their keys and
+values; each batch then runs only its scans and the question on that cache (expanded to the batch), and every
+option is a continuation of the batch's cache: the C options packed into one row per scan, with a block-diagonal
+mask so an option sees the prompt and its own earlier tokens only (one short forward, the cache copied once).
+Position ids are those of `sequence()`, so the figures equal the uncached computation (`option_loglik_reference`,
+kept for the tests and `bench/eval_speed.py`) to float rounding.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fmrilm_core.errors import InputError
-from llm_train.layout import position_ids
+from llm_train.layout import additive_mask, position_ids
 from llm_train.model import AlignModel
 
 NUMBER = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
@@ -103,66 +116,293 @@ def _scan_block(model: AlignModel, scan: dict, batch: int) -> torch.Tensor:
     return torch.cat([start, model.scan_embeddings(rows).to(start.dtype), tail], dim=1)
 
 
+def _blocks(model: AlignModel, blocks: list, b: int, device, offset: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(inputs_embeds [b, L, hidden], position_ids [b, L], the position after them) of `blocks` in order from
+    position `offset`: a dict is a scan block (the scan's own position layout, `layout.position_ids`), a tensor
+    [b, n] text ids (consecutive positions). The one layout of `sequence` and of the cached parts."""
+    scan_pos = position_ids(model.n_steps, model.n_rois, model.n_connectivity + 1, model.position_mode)
+    parts, positions = [], []
+    for block in blocks:
+        if isinstance(block, dict):
+            parts.append(_scan_block(model, block, b))
+            positions.append(offset + scan_pos)
+            offset += int(scan_pos[-1]) + 1
+        else:
+            parts.append(model.embed(block.to(device)))
+            positions.append(offset + torch.arange(block.shape[1]))
+            offset += block.shape[1]
+    embeds = torch.cat([p.to(parts[0].dtype) for p in parts], dim=1)
+    return embeds, torch.cat(positions).to(device)[None].expand(b, -1), offset
+
+
+def _shot_blocks(shots: Sequence[Shot], b: int, device) -> list:
+    out: list = []
+    for shot in shots:
+        out.append({k: v[None].to(device) for k, v in shot.scan.items()})
+        out.append(torch.tensor(shot.text, dtype=torch.long, device=device)[None].expand(b, -1))
+    return out
+
+
+def _ids(ids: list[int], b: int, device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.long, device=device)[None].expand(b, -1)
+
+
 def sequence(model: AlignModel, shots: list[Shot], scans: dict, question: list[int],
              tail: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs_embeds [B, L, hidden], position_ids [B, L]) of `shots, scan, question[, tail]` for the B scans of
     `scans` ({'codes': [B, W, N], ...}); `tail` [B, A] are token ids appended per row (an answer being scored)."""
     b = scans["codes"].shape[0]
     device = scans["codes"].device
-    parts, positions, offset = [], [], 0
-    scan_pos = position_ids(model.n_steps, model.n_rois, model.n_connectivity + 1, model.position_mode)
-
-    def text(ids: torch.Tensor) -> None:
-        nonlocal offset
-        parts.append(model.embed(ids))
-        positions.append(offset + torch.arange(ids.shape[1]))
-        offset += ids.shape[1]
-
-    def scan(block: dict) -> None:
-        nonlocal offset
-        parts.append(_scan_block(model, block, b))
-        positions.append(offset + scan_pos)
-        offset += int(scan_pos[-1]) + 1
-
-    for shot in shots:
-        scan({k: v[None].to(device) for k, v in shot.scan.items()})
-        text(torch.tensor(shot.text, dtype=torch.long, device=device)[None].expand(b, -1))
-    scan(scans)
-    text(torch.tensor(question, dtype=torch.long, device=device)[None].expand(b, -1))
+    blocks = [*_shot_blocks(shots, b, device), scans, _ids(question, b, device)]
     if tail is not None:
-        text(tail.to(device))
-    embeds = torch.cat([p.to(parts[0].dtype) for p in parts], dim=1)
-    pos = torch.cat(positions).to(device)[None].expand(b, -1)
+        blocks.append(tail.to(device))
+    embeds, pos, _ = _blocks(model, blocks, b, device)
     return embeds, pos
+
+
+# ---- the prompt run once, through the backbone's KV cache --------------------------------------------------
+
+_CALL: dict[type, tuple[str, str | None]] = {}
+
+
+def _call_names(backbone) -> tuple[str, str | None]:
+    """(the forward's keyword for the KV cache, its keyword for "logits of the last positions only" or None) of a
+    Hugging Face causal LM (a PEFT model: its base model): transformers 5 renamed `past_key_values` to `cache`,
+    4.50 `num_logits_to_keep` to `logits_to_keep`; the project allows transformers >= 4.46."""
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    kind = type(base)
+    if kind not in _CALL:
+        params = inspect.signature(kind.forward).parameters
+        keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        _CALL[kind] = ("cache" if "cache" in params else "past_key_values", keep)
+    return _CALL[kind]
+
+
+def _forward(model: AlignModel, pos: torch.Tensor, cache: Any, *, embeds: torch.Tensor | None = None,
+             ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+             last_only: bool = False) -> tuple[torch.Tensor, Any]:
+    """(logits, the cache after this forward). `cache` None starts one. The cache is extended in place; keep
+    `_kv(cache)` (tensors a later forward does not write to) to start from the same point again."""
+    cache_kw, keep_kw = _call_names(model.backbone)
+    kwargs: dict[str, Any] = {cache_kw: cache}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    if last_only and keep_kw:  # the LM head on the last position only: a fifth of SmolLM2's FLOPs is that head
+        kwargs[keep_kw] = 1
+    out = model.backbone(input_ids=ids, inputs_embeds=embeds, position_ids=pos, use_cache=True, **kwargs)
+    logits = out.logits[:, -1:] if last_only else out.logits
+    return logits, out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def _kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) [rows, kv heads, length, head dim] of a cache (a Cache object or a legacy tuple)."""
+    return [(layer[0], layer[1]) for layer in cache]
+
+
+def _cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int, config) -> Any:
+    """A fresh DynamicCache of `rows` rows from `kv`: one row is broadcast, r rows each repeated rows / r times
+    (row i * (rows / r) + j is row i). A forward appends to it by concatenation, so `kv` is never written to."""
+    from transformers import DynamicCache
+
+    def grow(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] == rows:
+            return t
+        if t.shape[0] == 1:
+            return t.expand(rows, *t.shape[1:])
+        return t.repeat_interleave(rows // t.shape[0], dim=0)
+
+    layers = [(grow(k), grow(v)) for k, v in kv]
+    if hasattr(DynamicCache, "from_legacy_cache"):  # transformers 4.x
+        return DynamicCache.from_legacy_cache(tuple(layers))
+    return DynamicCache(layers, config=config)
+
+
+def _model_device(model: AlignModel) -> torch.device:
+    return model.backbone.get_input_embeddings().weight.device
+
+
+def _same_scan(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+@dataclass
+class ShotPrefix:
+    """The in-context examples of a task and protocol run through the backbone once (`shot_prefix`): their keys
+    and values for one row, and the position id the scan asked about starts at. Built for one model; reused for
+    every batch of test scans (each use expands it to the batch; nothing writes to it)."""
+
+    shots: tuple[Shot, ...]
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(repr=False)  # per layer, [1, heads, length, head dim]
+    length: int   # tokens in the cache
+    offset: int   # position id of the next token (`sequence()`'s position of the scan's <|scan_start|>)
+
+    def holds(self, shots: Sequence[Shot]) -> bool:
+        """Whether this prefix is `shots` (same scans, same texts, same order)."""
+        shots = tuple(shots)
+        return len(shots) == len(self.shots) and all(
+            a is b or (list(a.text) == list(b.text) and _same_scan(a.scan, b.scan)) for a, b in zip(shots, self.shots))
+
+
+@torch.no_grad()
+def shot_prefix(model: AlignModel, shots: Sequence[Shot] = ()) -> ShotPrefix:
+    """The in-context examples `shots` run once (batch 1); pass the result as `prefix=` to `option_scores`,
+    `option_probabilities`, `option_loglik`, `decode_numbers` or `expected_values` for every batch of one task and
+    protocol. No shots: an empty prefix (the scan starts at position 0)."""
+    shots = tuple(shots)
+    if not shots:
+        return ShotPrefix((), [], 0, 0)
+    device = _model_device(model)
+    embeds, pos, offset = _blocks(model, _shot_blocks(shots, 1, device), 1, device)
+    _, cache = _forward(model, pos, None, embeds=embeds, last_only=True)
+    return ShotPrefix(shots, _kv(cache), embeds.shape[1], offset)
+
+
+def _resolve_prefix(model: AlignModel, shots: Sequence[Shot], prefix: ShotPrefix | None) -> ShotPrefix:
+    if prefix is None:
+        return shot_prefix(model, shots)
+    if shots and not prefix.holds(shots):  # a prefix of other examples would score a different prompt silently
+        raise InputError(f"prefix holds {len(prefix.shots)} in-context examples that are not the {len(tuple(shots))} "
+                         "shots given: build it with shot_prefix(model, shots)")
+    return prefix
+
+
+def _prompt(model: AlignModel, scans: dict, question: list[int], prefix: ShotPrefix
+            ) -> tuple[Any, torch.Tensor, int]:
+    """Each scan and the question run on the shots' cache: (the cache of the whole prompt [B rows], the logits
+    after the prompt [B, V] float32, the position of the next token)."""
+    b = scans["codes"].shape[0]
+    device = scans["codes"].device
+    embeds, pos, offset = _blocks(model, [scans, _ids(question, b, device)], b, device, prefix.offset)
+    cache = _cache(prefix.kv, b, model.backbone.config) if prefix.kv else None
+    logits, cache = _forward(model, pos, cache, embeds=embeds, last_only=True)
+    return cache, logits[:, -1].float(), offset
+
+
+def _gather(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+
+
+def _continuations(model: AlignModel, cache: Any, last: torch.Tensor, offset: int, options: list[list[int]],
+                   how: str = "packed") -> torch.Tensor:
+    """[B, C] float64 summed log-likelihood of each option as the continuation of a prompt (its cache, the logits
+    after it `last` [B, V], the next position `offset`). The first token of an option is read off `last`; the rest
+    need one forward over the option's tokens but the last.
+
+    `how`: 'packed' (default; fastest, bench/eval_speed.py) puts the C options one after another in a single row
+    per scan, each token seeing the prompt and its own option's earlier tokens (a 4-D mask); 'rows' runs B x C rows
+    (the cache repeated per option, options right-padded: padding comes after every scored token, so causal
+    attention keeps it unseen); 'per_option' runs one forward of B rows per option, each on a copy of the cache."""
+    b, device = last.shape[0], last.device
+    first = torch.tensor([o[0] for o in options], dtype=torch.long, device=device)
+    total = F.log_softmax(last, dim=-1)[:, first].double()
+    if all(len(o) == 1 for o in options):
+        return total
+    if how == "packed":
+        which = torch.tensor([c for c, o in enumerate(options) for _ in o[1:]], device=device)
+        step = torch.tensor([j for o in options for j in range(len(o) - 1)], device=device)
+        inputs = _ids([t for o in options for t in o[:-1]], b, device)
+        targets = _ids([t for o in options for t in o[1:]], b, device)
+        past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else cache[0][0].shape[-2]
+        allowed = torch.ones(len(step), past + len(step), dtype=torch.bool, device=device)
+        allowed[:, past:] = (which[:, None] == which[None, :]) & (step[None, :] <= step[:, None])
+        mask = additive_mask(allowed, model.backbone.get_input_embeddings().weight.dtype, b)
+        logits, _ = _forward(model, (offset + step)[None].expand(b, -1), cache, ids=inputs, mask=mask)
+        logp = _gather(logits, targets).double()
+        return total.index_add(1, which, logp)
+    kv = _kv(cache)
+    if how == "rows":
+        c, width = len(options), max(len(o) for o in options) - 1
+        pad = [o[:-1] + [o[-1]] * (width - len(o) + 1) for o in options]   # any id: never seen, never scored
+        tgt = [o[1:] + [o[-1]] * (width - len(o) + 1) for o in options]
+        valid = torch.tensor([[j < len(o) - 1 for j in range(width)] for o in options], device=device)
+        inputs = torch.tensor(pad, dtype=torch.long, device=device).repeat(b, 1)      # row i * C + c: option c
+        pos = (offset + torch.arange(width, device=device))[None].expand(b * c, -1)
+        logits, _ = _forward(model, pos, _cache(kv, b * c, model.backbone.config), ids=inputs)
+        logp = _gather(logits, torch.tensor(tgt, dtype=torch.long, device=device).repeat(b, 1)).double()
+        return total + (logp * valid.repeat(b, 1)).sum(-1).view(b, c)
+    if how != "per_option":
+        raise ValueError(f"unknown continuation {how!r}")
+    out = total.clone()
+    for c, option in enumerate(options):
+        if len(option) > 1:
+            pos = (offset + torch.arange(len(option) - 1, device=device))[None].expand(b, -1)
+            logits, _ = _forward(model, pos, _cache(kv, b, model.backbone.config), ids=_ids(option[:-1], b, device))
+            out[:, c] += _gather(logits, _ids(option[1:], b, device)).double().sum(-1)
+    return out
 
 
 # ---- classification -----------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def option_loglik(model: AlignModel, scans: dict, question: list[int], options: list[list[int]],
-                  shots: list[Shot] = ()) -> torch.Tensor:
-    """[B, C] summed log-likelihood of each option's tokens (eos included by the caller) after the prompt."""
+                  shots: Sequence[Shot] = (), prefix: ShotPrefix | None = None, how: str = "packed") -> torch.Tensor:
+    """[B, C] float64 summed log-likelihood of each option's tokens (eos included by the caller) after the prompt;
+    the shots from `prefix` (`shot_prefix(model, shots)`, built once per task and protocol) when given."""
+    if not options or any(len(o) == 0 for o in options):
+        raise InputError("every answer option needs at least one token")
+    prefix = _resolve_prefix(model, shots, prefix)
+    cache, last, offset = _prompt(model, scans, question, prefix)
+    return _continuations(model, cache, last, offset, options, how).cpu()
+
+
+@torch.no_grad()
+def option_loglik_reference(model: AlignModel, scans: dict, question: list[int], options: list[list[int]],
+                            shots: Sequence[Shot] = ()) -> torch.Tensor:
+    """`option_loglik` without a cache: the whole sequence (shots, scan, question, option) once per option, as it
+    was computed before the cache. Kept as the reference of the tests and of bench/eval_speed.py."""
     shots = list(shots)
     out = []
     b = scans["codes"].shape[0]
     for option in options:
         tail = torch.tensor(option, dtype=torch.long)[None].expand(b, -1)
         embeds, pos = sequence(model, shots, scans, question, tail)
-        logits = model.backbone(inputs_embeds=embeds, position_ids=pos, use_cache=False).logits.float()
+        # an explicit all-ones mask: without one, transformers 5 reads position ids that do not grow by 1 (the
+        # per_step layout) as packed sequences and cuts attention at every repeat
+        mask = torch.ones(pos.shape, dtype=torch.long, device=pos.device)
+        logits = model.backbone(inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
+                                use_cache=False).logits.float()
         n = len(option)
         predicting = logits[:, -n - 1: -1]                      # the logits before each option token
         logp = F.log_softmax(predicting, dim=-1).gather(-1, tail.to(logits.device)[..., None])[..., 0]
-        out.append(logp.sum(-1).cpu())
+        out.append(logp.double().sum(-1).cpu())
     return torch.stack(out, dim=1)
 
 
-def option_probabilities(model: AlignModel, tokenizer, scans: dict, question: str, options: list[str],
-                         shots: list[Shot] = (), prompt_format: str = "plain") -> np.ndarray:
-    """[B, C] probabilities of the options (softmax of their summed log-likelihoods)."""
-    q = question_ids(tokenizer, question, prompt_format)
+def option_ids(tokenizer, options: Sequence[str], prompt_format: str = "plain") -> list[list[int]]:
+    """Each option as a whole answer: its tokens, then what closes an answer."""
     end = answer_end_ids(tokenizer, prompt_format)
-    opts = [answer_ids(tokenizer, o) + end for o in options]
-    return torch.softmax(option_loglik(model, scans, q, opts, shots).double(), dim=1).numpy()
+    return [answer_ids(tokenizer, o) + end for o in options]
+
+
+def option_scores(model: AlignModel, tokenizer, scans: dict, question: str, options: Sequence[str],
+                  shots: Sequence[Shot] = (), prompt_format: str = "plain",
+                  prefix: ShotPrefix | None = None) -> dict[str, np.ndarray]:
+    """Per scan and option, float64: `sum` [B, C] the summed log-likelihood of the whole answer (its tokens and
+    the answer end), `mean` [B, C] that sum over the option's token count (`tokens` [C]), a score that does not
+    favour short options."""
+    q = question_ids(tokenizer, question, prompt_format)
+    opts = option_ids(tokenizer, options, prompt_format)
+    total = option_loglik(model, scans, q, opts, shots, prefix).numpy()
+    tokens = np.array([len(o) for o in opts], dtype=np.int64)
+    return {"sum": total, "mean": total / tokens, "tokens": tokens}
+
+
+def log_odds(scores: dict[str, np.ndarray], key: str = "sum") -> np.ndarray:
+    """[B] log-likelihood of option 1 minus option 0 (class 1 is the positive one): a two-option classifier's
+    score. Unlike the softmax probability it never rounds to exactly 0 or 1, so it ranks every scan (AUC)."""
+    values = np.asarray(scores[key], dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] != 2:
+        raise InputError(f"log-odds need exactly two options, got scores of shape {values.shape}")
+    return values[:, 1] - values[:, 0]
+
+
+def option_probabilities(model: AlignModel, tokenizer, scans: dict, question: str, options: list[str],
+                         shots: Sequence[Shot] = (), prompt_format: str = "plain",
+                         prefix: ShotPrefix | None = None) -> np.ndarray:
+    """[B, C] probabilities of the options (softmax of their summed log-likelihoods)."""
+    total = option_scores(model, tokenizer, scans, question, options, shots, prompt_format, prefix)["sum"]
+    return torch.softmax(torch.from_numpy(total), dim=1).numpy()
 
 
 # ---- regression ---------------------------------------------------------------------------------------------
@@ -189,47 +429,62 @@ def numeric_token_ids(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def decode_numbers(model: AlignModel, tokenizer, scans: dict, question: str, shots: list[Shot] = (),
+def decode_numbers(model: AlignModel, tokenizer, scans: dict, question: str, shots: Sequence[Shot] = (),
                    prompt_format: str = "plain", max_tokens: int = 4,
-                   numeric: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[str]:
-    """The numeric answer text of every scan (constrained greedy decoding, see the module doc); '' when the
-    vocabulary holds no numeric token."""
+                   numeric: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   prefix: ShotPrefix | None = None) -> list[str]:
+    """The numeric answer text of every scan (constrained greedy decoding, see the module doc), from the shots'
+    cache `prefix` when given; '' when the vocabulary holds no numeric token, and a number's first token alone
+    when no token may continue one."""
     first, more = numeric if numeric is not None else numeric_token_ids(tokenizer)
     b = scans["codes"].shape[0]
     if len(first) == 0:
         return [""] * b
-    q = question_ids(tokenizer, question, prompt_format)
-    embeds, pos = sequence(model, list(shots), scans, q)
-    out = model.backbone(inputs_embeds=embeds, position_ids=pos, use_cache=True)
-    past, next_pos = out.past_key_values, pos[:, -1] + 1
-    logits = out.logits[:, -1].float()
+    prefix = _resolve_prefix(model, shots, prefix)
+    cache, logits, next_pos = _prompt(model, scans, question_ids(tokenizer, question, prompt_format), prefix)
     texts: list[list[int]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool)
     first, more = first.to(logits.device), more.to(logits.device)
     for step in range(max_tokens):
-        allowed = first if step == 0 else more
-        best = allowed[logits[:, allowed].argmax(-1)]
-        if step > 0 and len(more):
+        if step > 0:
+            if len(more) == 0:  # nothing numeric may follow: every number is its first token
+                break
             other = logits.clone()
             other[:, more] = float("-inf")
-            stop = other.max(-1).values > logits[:, more].max(-1).values
-            done |= stop.cpu()
-        if step > 0 and len(more) == 0:
-            break
+            done |= (other.max(-1).values > logits[:, more].max(-1).values).cpu()
+            if bool(done.all()):
+                break
+        allowed = first if step == 0 else more
+        best = allowed[logits[:, allowed].argmax(-1)]
         for i in range(b):
             if not done[i]:
                 texts[i].append(int(best[i]))
-        if bool(done.all()):
+        if step == max_tokens - 1:  # the last token: no forward for a next one
             break
-        out = model.backbone(input_ids=best[:, None], position_ids=next_pos[:, None], past_key_values=past,
-                             use_cache=True)
-        past, next_pos, logits = out.past_key_values, next_pos + 1, out.logits[:, -1].float()
+        pos = torch.full((b, 1), next_pos + step, dtype=torch.long, device=logits.device)
+        out, cache = _forward(model, pos, cache, ids=best[:, None])
+        logits = out[:, -1].float()
     return [tokenizer.decode(ids) for ids in texts]
 
 
 def parse_number(text: str) -> float | None:
     match = NUMBER.fullmatch(text or "")
     return float(match.group(1)) if match else None
+
+
+def expected_values(model: AlignModel, tokenizer, scans: dict, question: str, grid: Sequence[float],
+                    shots: Sequence[Shot] = (), prompt_format: str = "plain", prefix: ShotPrefix | None = None,
+                    render: Callable[[float], str] = lambda v: f"{v:g}") -> np.ndarray:
+    """[B] expected value of the answer over `grid`: each value rendered as the corpus answers it (`render`; for age
+    e.g. `lambda v: canonical_answers({'age': v})['age']`) and scored as a whole answer option (as
+    `option_probabilities`), the softmax of the summed log-likelihoods over the grid weighting the values."""
+    values = np.asarray(list(grid), dtype=np.float64)
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise InputError("expected values need a non-empty grid of finite numbers")
+    texts = [render(float(v)) for v in values]
+    total = option_scores(model, tokenizer, scans, question, texts, shots, prompt_format, prefix)["sum"]
+    p = np.exp(total - total.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)) @ values
 
 
 # ---- measures -----------------------------------------------------------------------------------------------
