@@ -33,7 +33,7 @@ import torch
 from corpus_builder.readers import open_zarr, read_phenotypes
 from llm_train.baselines import fc_features, fit_predict, probe_features
 from llm_train.connectivity import fit_on_corpus
-from llm_train.scoring import classification_metrics, regression_metrics
+from llm_train.metrics import classification_figures, regression_figures
 from llm_train.tasks import select_tasks
 from llm_train.train import load_brain_tokenizer
 
@@ -59,8 +59,8 @@ def headline(f: np.ndarray, *, train_rows, test_rows, y_train, y_test, groups, c
     (one row per scan) of the train and test rows."""
     pred, _ = fit_predict(f[train_rows], y_train, groups, f[test_rows], classification, seed)
     if classification:
-        return classification_metrics(y_test, pred)["auc"]
-    return regression_metrics(y_test, [float(v) for v in pred])["mae"]
+        return classification_figures(y_test, pred)["auc"]  # pred: the baseline's log-odds
+    return regression_figures(y_test, [float(v) for v in pred])["mae"]
 
 
 def main() -> None:

@@ -25,12 +25,9 @@ import warnings
 
 VERBOSE_ENV = "FMRILM_VERBOSE"
 
-# numpy's messages for reductions over all-NaN columns (norms of a descriptor missing cohort-wide)
-_NAN_SLICE = ("Mean of empty slice", "Degrees of freedom <= 0 for slice", "All-NaN slice encountered")
-
 QUIET_ENV = {
     "PYTHONWARNINGS": ",".join(["ignore::DeprecationWarning", "ignore::PendingDeprecationWarning",
-                                "ignore::FutureWarning"] + [f"ignore:{m}:RuntimeWarning" for m in _NAN_SLICE]),
+                                "ignore::FutureWarning"]),
     "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "DATASETS_VERBOSITY": "error",
@@ -84,8 +81,6 @@ def quiet_third_party() -> bool:
     warnings.filterwarnings("once")  # any other warning: each message once, not once per scan
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
-    for message in _NAN_SLICE:
-        warnings.filterwarnings("ignore", message=message, category=RuntimeWarning)
 
     # Loggers are fetched before their libraries create them: a filter survives their set-up (DeepSpeed and
     # Ray set levels and handlers at import / ray.init, which would undo a level set here).

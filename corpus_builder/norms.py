@@ -12,6 +12,7 @@ gradients, ICA maps; loaded with allow_pickle=False).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def fit_reference(series: list[np.ndarray], networks: np.ndarray, cfg: Descripto
     if len(series) < 2:
         raise ValueError(f"reference cohort has {len(series)} scan(s); need at least 2")
     maps, _ = fit_group_ica(series, networks, cfg.ica_components, seed)
-    mean_z = np.nanmean([fisher_z_fc(np.asarray(x, dtype=np.float64)) for x in series], axis=0)
+    with warnings.catch_warnings():  # an ROI pair NaN in every scan stays NaN ("Mean of empty slice")
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_z = np.nanmean([fisher_z_fc(np.asarray(x, dtype=np.float64)) for x in series], axis=0)
     gradients = reference_gradients(np.tanh(mean_z), cfg.gradient_components, seed)
     return Reference(networks=np.asarray(networks), gradients=gradients, ica_maps=maps, config=cfg)
 
@@ -57,7 +60,8 @@ class Norms:
         mean, std = {}, {}
         for names, get in ((DESCRIPTOR_NAMES, lambda d: d.values), (PAIR_NAMES, lambda d: d.fc_pairs)):
             table = np.array([[get(d)[n] for n in names] for d in descriptors], dtype=np.float64)
-            with np.errstate(all="ignore"):
+            with np.errstate(all="ignore"), warnings.catch_warnings():  # a descriptor missing cohort-wide: NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
                 m, s = np.nanmean(table, 0), np.nanstd(table, 0)
             mean.update(zip(names, m.tolist()))
             std.update(zip(names, s.tolist()))

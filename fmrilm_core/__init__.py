@@ -6,6 +6,9 @@
 - `engine`: the DeepSpeed process group, config, LR schedule and engine builder; `gathered` parameters.
 - `checkpoint`: checkpoint save / resume with the config fingerprint.
 - `llm`: loading a base causal LM from a folder or the shipped SmolLM2 GGUF.
+- `lineage`: a saved model's `lineage.json` (the corpus each stage trained on, whom it saw) and the checks that
+  keep a trained subject out of a test figure.
+- `model_card`: the `README.md` model card of every saved model folder (Hugging Face form).
 
 This package imports no stage (`corpus_builder`, `tokenizer_train`, `llm_train`, `cluster`); `cluster` supplies
 the Ray Train runtime on top. Importing it is cheap: torch, DeepSpeed and transformers load only in the modules

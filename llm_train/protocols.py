@@ -171,7 +171,7 @@ class Asker:
         def fn(scans, shots, prefix):
             scores = option_scores(self.model, self.tokenizer, scans, self.data.task.question, options, shots,
                                    self.fmt, prefix=prefix)
-            return list(zip(log_odds(scores["sum"]), log_odds(scores["mean"])))
+            return list(zip(log_odds(scores), log_odds(scores, "mean")))
 
         pairs = self.each(keys, fn)
         return {"logodds": np.array([p[0] for p in pairs], float),

@@ -10,13 +10,15 @@ tokens and what closes an answer (eos; in `chat` the template's end of an assist
 answer, not the prefix of a longer one; over the whole vocabulary. `option_scores` returns those sums and their
 mean per token, in float64; a two-option classifier's score is the log-odds `log_odds(scores)`, which keeps the
 ranking of scans that a float64 softmax would round to exactly 0 or 1 (ties in the AUC). The options'
-probabilities (`option_probabilities`) are the softmax of the sums; accuracy, F1 and calibration come from them.
+probabilities (`option_probabilities`, `fmrilm ask`) are the softmax of the sums. The figures of those scores are
+`llm_train.metrics`'.
 
 Regression: constrained numeric decoding. The first token must be numeric (digits, a point, optionally a leading
 space); after it the model continues with the best numeric token, or stops where a non-numeric token (eos, " years")
-beats every numeric one; at most `max_tokens`. A text that does not parse as a number is a miss: counted, and left
-out of MAE, r and R^2. `expected_values` instead scores every value of a grid as an answer option and returns the
-probability-weighted mean: a prediction for every scan (no misses) that moves smoothly with the model's belief.
+beats every numeric one; at most `max_tokens`. A text that does not parse as a number is a miss: `fmrilm eval`
+counts it and scores the train split's mean in its place, so MAE, r and R^2 cover the baselines' scans.
+`expected_values` instead scores every value of a grid as an answer option and returns the probability-weighted
+mean: a prediction for every scan (no misses) that moves smoothly with the model's belief.
 
 Speed (KV cache): the prompt is run in three parts, each once. The in-context examples are the same for every test
 scan of a task and protocol, so `shot_prefix(model, shots)` runs them once (one row) and keeps their keys and
@@ -30,10 +32,10 @@ kept for the tests and `bench/eval_speed.py`) to float rounding.
 from __future__ import annotations
 
 import inspect
-import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -485,62 +487,3 @@ def expected_values(model: AlignModel, tokenizer, scans: dict, question: str, gr
     total = option_scores(model, tokenizer, scans, question, texts, shots, prompt_format, prefix)["sum"]
     p = np.exp(total - total.max(axis=1, keepdims=True))
     return (p / p.sum(axis=1, keepdims=True)) @ values
-
-
-# ---- measures -----------------------------------------------------------------------------------------------
-
-def reliability(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, np.ndarray]:
-    """Uniform-bin reliability of the positive-class probability `p` against binary `y`: per non-empty bin the
-    fraction of positives, the mean probability and the count (the bins of scikit-learn's
-    `calibration_curve(strategy='uniform')`: edges linspace(0, 1, n_bins + 1), a value on an inner edge goes to the
-    lower bin)."""
-    y, p = np.asarray(y, float), np.asarray(p, float)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.searchsorted(edges[1:-1], p, side="left")
-    count = np.bincount(which, minlength=n_bins)
-    true = np.bincount(which, weights=y, minlength=n_bins)
-    pred = np.bincount(which, weights=p, minlength=n_bins)
-    keep = count > 0
-    return {"prob_true": true[keep] / count[keep], "prob_pred": pred[keep] / count[keep], "count": count[keep]}
-
-
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
-    """sum over bins of (bin count / n) * |fraction of positives - mean probability| (same bins as `reliability`)."""
-    r = reliability(y, p, n_bins)
-    return float(np.sum(r["count"] * np.abs(r["prob_true"] - r["prob_pred"])) / max(1, r["count"].sum()))
-
-
-def classification_metrics(y: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> dict[str, float]:
-    """accuracy, balanced accuracy, AUC, F1 (of class 1), ECE of binary probabilities [n, 2] (or [n] of class 1)."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
-
-    y = np.asarray(y, int)
-    p1 = np.asarray(probs, float)
-    p1 = p1[:, 1] if p1.ndim == 2 else p1
-    pred = (p1 > 0.5).astype(int)
-    out = {"n": float(len(y)), "accuracy": float(accuracy_score(y, pred)),
-           "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-           "f1": float(f1_score(y, pred, zero_division=0)),
-           "auc": float(roc_auc_score(y, p1)) if len(np.unique(y)) == 2 else float("nan"),
-           "ece": expected_calibration_error(y, p1, n_bins)}
-    return out
-
-
-def regression_metrics(y: np.ndarray, pred: list[float | None]) -> dict[str, float]:
-    """MAE, Pearson r, R^2 over the parsed predictions; `misses` = the unparseable ones (left out), `n` all."""
-    from scipy.stats import pearsonr
-    from sklearn.metrics import mean_absolute_error, r2_score
-
-    y = np.asarray(y, float)
-    ok = np.array([v is not None and math.isfinite(v) for v in pred], bool)
-    out = {"n": float(len(y)), "misses": float((~ok).sum()), "mae": float("nan"), "r": float("nan"),
-           "r2": float("nan")}
-    if ok.sum() >= 1:
-        yp = np.array([v for v in pred if v is not None and math.isfinite(v)], float)
-        yt = y[ok]
-        out["mae"] = float(mean_absolute_error(yt, yp))
-        if ok.sum() >= 2:
-            out["r2"] = float(r2_score(yt, yp))
-            if np.std(yp) > 0 and np.std(yt) > 0:
-                out["r"] = float(pearsonr(yt, yp)[0])
-    return out

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ from corpus_builder.lineage import corpus_fingerprint, split_subjects
 from corpus_builder.readers import read_captions, read_phenotypes
 from fmrilm_core.errors import InputError
 from fmrilm_core.lineage import check_corpus, read_lineage
+from fmrilm_core.model_card import CARD, add_figures
 from llm_train.baselines import fc_features, fit_predict, probe_features
 from llm_train.export import atlas_signature, load_aligned, read_meta
 from llm_train.metrics import add_intervals, classification_figures, fit_temperature, regression_figures
@@ -100,6 +102,119 @@ def in_tuning_mix(meta: dict, attribute: str) -> bool | None:
     return None if trained is None else attribute in trained
 
 
+@dataclass
+class Shared:
+    """What every task of one evaluation uses: the model, the scans of the evaluated corpus (`cache`) and of the
+    model's training corpus (`own_cache`: examples, fine-tunings, baselines), the phenotypes, the settings."""
+
+    model: object
+    tokenizer: object
+    fmt: str
+    brain_tokenizer: object
+    cache: ScanCache
+    own_cache: ScanCache
+    train_pheno: pd.DataFrame
+    val_pheno: pd.DataFrame
+    test_pheno: pd.DataFrame
+    batch_size: int
+    device: object
+    seed: int
+    regression: str
+    temperature: bool
+    progress_fn: object
+
+
+class TaskScoring:
+    """One task's entry of metrics.json and predictions.json, protocol by protocol, then the baselines and the
+    intervals (`finish`)."""
+
+    def __init__(self, shared: Shared, data: TaskData, max_test: int | None):
+        self.s, self.data, task = shared, data, data.task
+        self.classification = task.kind == "classification"
+        keys = sorted(data.test.index)
+        if max_test is not None and len(keys) > max_test:
+            keys = sorted(random.Random(f"{shared.seed}-{task.name}").sample(keys, max_test))
+        self.test_keys, self.y = keys, data.test[keys].to_numpy()
+        self.val = task.labels(shared.val_pheno)
+        self.val_keys = sorted(random.Random(f"{shared.seed}-{task.name}-val").sample(
+            sorted(self.val.index), min(MAX_VAL_SCANS, len(self.val))))
+        self.entry: dict = {"kind": task.kind, "question": task.question, "n_train": len(data.train),
+                            "n_test": len(keys)}
+        self.fallback = self.grid = None
+        if self.classification:
+            self.entry["options"] = list(task.options)
+        else:
+            self.fallback = float(np.mean(data.train.to_numpy()))
+            self.grid = value_grid(data.train.to_numpy()) if shared.regression == "expected" else None
+            self.entry["decoding"] = shared.regression
+            self.entry["fallback"] = {"rule": "train-split mean", "value": self.fallback}
+        self.preds: dict = {"keys": keys, "y": self.y.tolist()}
+        self.temperatures: dict[str, float] = {}
+
+    def shots(self, k: int) -> list[str]:
+        """k class-balanced train scans of train subjects; checked to fit the model's context."""
+        s, data = self.s, self.data
+        chosen = choose_shots(data, s.train_pheno, set(s.test_pheno["subject"]), k, s.seed)
+        if chosen:
+            answers = [s.tokenizer(o, add_special_tokens=False)["input_ids"] for o in data.task.options] or [[0] * 6]
+            context = [Shot({n: v[0] for n, v in s.own_cache.scans([key]).items()},
+                            shot_text(s.tokenizer, data.task.question, answer_text(data, data.train[key]), s.fmt))
+                       for key in chosen]
+            check_context(s.model, context, question_ids(s.tokenizer, data.task.question, s.fmt),
+                          1 + max(len(a) for a in answers))
+        return chosen
+
+    def protocol(self, name: str, model, tokenizer, fmt: str, chosen: list[str]) -> None:
+        """Ask every test scan with the train scans `chosen` in context (and val scans, for the temperature)."""
+        s, y, keys = self.s, self.y, self.test_keys
+        with progress_for(s.progress_fn, f"eval {self.data.task.name} {name}: scans", len(keys)) as progress:
+            asker = Asker(model, tokenizer, fmt, self.data, s.cache, s.own_cache, chosen, s.batch_size, s.device,
+                          s.seed, progress)
+            if self.classification:
+                got = asker.classify(keys)
+                figures = classification_figures(y, got["logodds"])
+                figures["auc_per_token"] = classification_figures(y, got["logodds_per_token"])["auc"]
+                self.preds[name] = got["logodds"].tolist()
+                self.preds[name + "_per_token"] = got["logodds_per_token"].tolist()
+            else:
+                answered = asker.regress(keys, s.regression, self.grid)
+                values, misses = with_fallback([v for v, _ in answered], self.fallback)
+                figures = regression_figures(y, values) | {"misses": float(misses),
+                                                           "miss_rate": misses / max(1, len(keys))}
+                self.preds[name], self.preds[name + "_text"] = values.tolist(), [t for _, t in answered]
+        if self.classification and s.temperature and len(set(self.val[self.val_keys])) == 2:
+            val_asker = Asker(model, tokenizer, fmt, self.data, s.own_cache, s.own_cache, chosen, s.batch_size,
+                              s.device, s.seed)
+            t = fit_temperature(val_asker.classify(self.val_keys)["logodds"], self.val[self.val_keys].to_numpy())
+            self.temperatures[name] = t
+            figures["ece_scaled"] = classification_figures(y, np.asarray(self.preds[name]) / t)["ece"]
+        self.entry[name] = figures
+
+    def finish(self) -> tuple[dict, dict]:
+        """The baselines on the same test scans, then every figure's interval: (entry, predictions)."""
+        s, data, y, keys = self.s, self.data, self.y, self.test_keys
+        train_keys = sorted(data.train.index)
+        groups = s.train_pheno.loc[train_keys, "subject"].astype(str).to_numpy()
+        y_train = data.train[train_keys].to_numpy()
+        readers = {"fc_baseline": fc_features,
+                   "tokenizer_probe": lambda x: probe_features(s.brain_tokenizer, x)}
+        for base, features in readers.items():
+            pred, chosen = fit_predict(features(s.own_cache.series(train_keys)), y_train, groups,
+                                       features(s.cache.series(keys)), self.classification, s.seed)
+            self.entry[base] = (classification_figures(y, pred) if self.classification else
+                                regression_figures(y, np.asarray(pred, float)))
+            self.entry[base]["regularisation"] = chosen
+            self.preds[base] = [float(v) for v in pred]
+        if self.temperatures:
+            self.entry["temperature"] = self.temperatures
+        subjects = s.test_pheno.loc[keys, "subject"].astype(str).to_numpy()
+        self.preds["subjects"] = subjects.tolist()  # the bootstrap's unit (pseudonyms, as in the corpus's keys)
+        scored = {name: np.asarray(self.preds[name], float) for name, v in self.entry.items()
+                  if isinstance(v, dict) and name in self.preds}
+        add_intervals(self.entry, y, scored, subjects, s.seed)
+        return self.entry, self.preds
+
+
 def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str] | None = None,
                    shots: tuple[int, ...] = (0,), seed: int = 0, max_test: int | None = None, batch_size: int = 8,
                    examples: int = 4, max_new_tokens: int = 96, device: str | None = None,
@@ -149,7 +264,8 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
     features = meta["input_mode"] == "features"
     cache = ScanCache(corpus, brain_tokenizer, features, model.connectivity)
     own_cache = cache if own == corpus else ScanCache(own, brain_tokenizer, features, model.connectivity)
-    test_pheno_subjects = set(test_pheno["subject"])
+    shared = Shared(model, tokenizer, fmt, brain_tokenizer, cache, own_cache, train_pheno, val_pheno, test_pheno,
+                    batch_size, device, seed, regression, temperature, progress_fn)
     metrics: dict[str, dict] = {}
     predictions: dict[str, dict] = {}
     used_shots: dict[str, dict] = {}
@@ -158,65 +274,15 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
     mix: dict[str, bool | None] = {}
     for data in runnable:
         task = data.task
-        classification = task.kind == "classification"
-        test_keys = sorted(data.test.index)
-        if max_test is not None and len(test_keys) > max_test:
-            test_keys = sorted(random.Random(f"{seed}-{task.name}").sample(test_keys, max_test))
-        y_test = data.test[test_keys].to_numpy()
-        val_labels = task.labels(val_pheno)
-        val_keys = sorted(random.Random(f"{seed}-{task.name}-val").sample(
-            sorted(val_labels.index), min(MAX_VAL_SCANS, len(val_labels))))
-        fallback = float(np.mean(data.train.to_numpy())) if not classification else None
-        grid = value_grid(data.train.to_numpy()) if not classification and regression == "expected" else None
-        entry: dict = {"kind": task.kind, "question": task.question, "n_train": len(data.train),
-                       "n_test": len(test_keys)}
-        if classification:
-            entry["options"] = list(task.options)
-        else:
-            entry["decoding"] = regression
-            entry["fallback"] = {"rule": "train-split mean", "value": fallback}
-        mix[task.name] = in_tuning_mix(meta, task.attribute)
-        preds: dict = {"keys": test_keys, "y": y_test.tolist()}
-        temperatures: dict[str, float] = {}
-
-        def score(name: str, model_, tokenizer_, fmt_: str, chosen: list[str]) -> None:
-            """Ask the test scans with the train scans `chosen` in context (and val scans, for the temperature)."""
-            with progress_for(progress_fn, f"eval {task.name} {name}: scans", len(test_keys)) as progress:
-                asker = Asker(model_, tokenizer_, fmt_, data, cache, own_cache, chosen, batch_size, device, seed,
-                              progress)
-                if classification:
-                    got = asker.classify(test_keys)
-                    figures = classification_figures(y_test, got["logodds"])
-                    figures["auc_per_token"] = classification_figures(y_test, got["logodds_per_token"])["auc"]
-                    preds[name], preds[name + "_per_token"] = got["logodds"].tolist(), got["logodds_per_token"].tolist()
-                else:
-                    answered = asker.regress(test_keys, regression, grid)
-                    values, misses = with_fallback([v for v, _ in answered], fallback)
-                    figures = regression_figures(y_test, values) | {"misses": float(misses),
-                                                                    "miss_rate": misses / max(1, len(test_keys))}
-                    preds[name], preds[name + "_text"] = values.tolist(), [t for _, t in answered]
-            if classification and temperature and len(set(val_labels[val_keys])) == 2:
-                val_asker = Asker(model_, tokenizer_, fmt_, data, own_cache, own_cache, chosen, batch_size, device,
-                                  seed)
-                t = fit_temperature(val_asker.classify(val_keys)["logodds"], val_labels[val_keys].to_numpy())
-                temperatures[name] = t
-                figures["ece_scaled"] = classification_figures(y_test, np.asarray(preds[name]) / t)["ece"]
-            entry[name] = figures
-
-        question = question_ids(tokenizer, task.question, fmt)
+        scoring = TaskScoring(shared, data, max_test)
+        mix[task.name] = scoring.entry["in_tuning_mix"] = in_tuning_mix(meta, task.attribute)
         for k in shots:
-            chosen = choose_shots(data, train_pheno, test_pheno_subjects, k, seed)
+            chosen = scoring.shots(k)
             used_shots.setdefault(task.name, {})[str(k)] = chosen
-            answers = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in task.options] or [[0] * 6]
-            context = [Shot({n: v[0] for n, v in own_cache.scans([key]).items()},
-                            shot_text(tokenizer, task.question, answer_text(data, data.train[key]), fmt))
-                       for key in chosen]
-            check_context(model, context, question, 1 + max(len(a) for a in answers))
-            score(protocol_name(k), model, tokenizer, fmt, chosen)
-        train_keys = sorted(data.train.index)  # every train scan with the task's label
-        fine_tunes = {f"train_n_{n}": choose_shots(data, train_pheno, test_pheno_subjects, n, seed) for n in train_n}
+            scoring.protocol(protocol_name(k), model, tokenizer, fmt, chosen)
+        fine_tunes = {f"train_n_{n}": scoring.shots(n) for n in train_n}
         if tuned:
-            fine_tunes["tuned"] = train_keys
+            fine_tunes["tuned"] = sorted(data.train.index)  # every train scan with the task's label
         for name, chosen in fine_tunes.items():
             cfg = instruct_cfg
             if name == "tuned":  # epochs over every labelled train scan, not a fixed step count
@@ -225,35 +291,14 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
                 cfg = cfg if cfg is not None else InstructConfig(eval_items=4)
                 steps = tuned_steps(len(chosen), tuned_epochs, cfg.batch_size)
                 cfg = cfg.model_copy(update={"steps": steps, "checkpoint_every": steps, "eval_every": steps})
-            record = fine_tune_on(model_dir, own, out / "fine_tuned" / f"{task.name}_{name}", data, chosen, cfg,
-                                  resume=resume, progress_fn=progress_fn)
-            fine_tunings.setdefault(task.name, {})[name] = record
-            fine_tuning_sets.setdefault(task.name, {})[name] = chosen
             tuned_dir = out / "fine_tuned" / f"{task.name}_{name}"
+            fine_tunings.setdefault(task.name, {})[name] = fine_tune_on(
+                model_dir, own, tuned_dir, data, chosen, cfg, resume=resume, progress_fn=progress_fn)
+            fine_tuning_sets.setdefault(task.name, {})[name] = chosen
             tuned_model, tuned_tok, _, tuned_meta = load_aligned(tuned_dir, device)
-            tuned_fmt = tuned_meta.get("prompt_format", "plain")
-            score(name, tuned_model, tuned_tok, tuned_fmt, [])
+            scoring.protocol(name, tuned_model, tuned_tok, tuned_meta.get("prompt_format", "plain"), [])
             del tuned_model
-        groups = train_pheno.loc[train_keys, "subject"].astype(str).to_numpy()
-        y_train = data.train[train_keys].to_numpy()
-        for base, feats, feats_test in (
-                ("fc_baseline", lambda ks: fc_features(own_cache.series(ks)), lambda ks: fc_features(cache.series(ks))),
-                ("tokenizer_probe", lambda ks: probe_features(brain_tokenizer, own_cache.series(ks)),
-                 lambda ks: probe_features(brain_tokenizer, cache.series(ks)))):
-            pred, chosen_reg = fit_predict(feats(train_keys), y_train, groups, feats_test(test_keys), classification,
-                                           seed)
-            entry[base] = (classification_figures(y_test, pred) if classification else
-                           regression_figures(y_test, np.asarray(pred, float)))
-            entry[base]["regularisation"] = chosen_reg
-            preds[base] = [float(v) for v in pred]
-        if temperatures:
-            entry["temperature"] = temperatures
-        subjects = test_pheno.loc[test_keys, "subject"].astype(str).to_numpy()
-        preds["subjects"] = subjects.tolist()  # the bootstrap's unit (pseudonyms, as in the corpus's keys)
-        add_intervals(entry, y_test, {name: np.asarray(preds[name], float) for name in entry
-                                      if isinstance(entry[name], dict) and name in preds}, subjects, seed)
-        metrics[task.name] = entry
-        predictions[task.name] = preds
+        metrics[task.name], predictions[task.name] = scoring.finish()
     for name, reason in skipped.items():
         metrics[name] = {"skipped": reason}
     descriptions = describe_examples(model, tokenizer, cache, corpus, meta, sorted(test_pheno.index), examples,
@@ -276,7 +321,31 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
         from llm_train.report import write_report
 
         write_report(out / "report.html", metrics, predictions, descriptions, info)
+    if (model_dir / CARD).is_file():  # the model's card carries what was measured on it, with its intervals
+        add_figures(model_dir, card_figures(metrics, external), f"`fmrilm eval` into {out.resolve()} "
+                    f"({'external cohort' if external else 'test split'} of {corpus}, corpus splits "
+                    f"{fingerprint['splits_sha256']}; {len(test_subjects)} subjects)")
     return metrics
+
+
+def card_figures(metrics: dict, external: bool = False) -> list[dict]:
+    """The model card's rows: per task and model protocol, the headline figure (AUC or MAE) with its interval beside
+    the FC baseline's and the paired difference."""
+    rows = []
+    for task, entry in metrics.items():
+        if "skipped" in entry:
+            continue
+        metric = "auc" if entry["kind"] == "classification" else "mae"
+        fc = entry.get("fc_baseline", {})
+        for protocol, figures in entry.items():
+            if not isinstance(figures, dict) or "ci" not in figures or protocol in BASELINES:
+                continue
+            diff = figures.get("vs_fc_baseline", {}).get(metric, {})
+            rows.append({"task": task, "protocol": protocol + (" (external)" if external else ""), "metric": metric,
+                         "value": figures.get(metric), "ci": figures["ci"].get(metric), "baseline": "fc_baseline",
+                         "baseline_value": fc.get(metric), "baseline_ci": fc.get("ci", {}).get(metric),
+                         "diff": diff.get("diff"), "diff_ci": diff.get("ci"), "n": figures.get("n")})
+    return rows
 
 
 def _to(batch: dict, device) -> dict:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from corpus_builder.readers import read_instructions, read_manifest, read_phenotypes, split_keys
+from fmrilm_core.errors import InputError
 from fmrilm_core.runtime import LocalRuntime
 from tests.conftest import N_ROIS, align_cfg, tiny_cohort, train_brain_tokenizer
 
@@ -148,39 +149,18 @@ def test_a_zero_shot_sequence_is_stage_twos_scan_sequence(corpus, model_dir, mod
     assert torch.equal(pos, model.positions(2, n_suffix, "cpu"))
 
 
-def test_calibration_matches_scikit_learn():
-    from sklearn.calibration import calibration_curve
-
-    from llm_train.scoring import classification_metrics, expected_calibration_error, reliability
-
-    rng = np.random.default_rng(0)
-    p = np.concatenate([rng.uniform(size=300), [0.0, 0.1, 0.2, 0.5, 0.9, 1.0]])
-    y = (rng.uniform(size=p.size) < p ** 1.5).astype(int)
-    for n_bins in (5, 10, 15):
-        ours = reliability(y, p, n_bins)
-        true, pred = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
-        np.testing.assert_allclose(ours["prob_true"], true, atol=1e-12)
-        np.testing.assert_allclose(ours["prob_pred"], pred, atol=1e-12)
-        # ECE by hand from scikit-learn's bins: counts from its own bin edges
-        which = np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], p)
-        counts = np.bincount(which, minlength=n_bins)
-        counts = counts[counts > 0]
-        assert expected_calibration_error(y, p, n_bins) == pytest.approx(
-            float(np.sum(counts * np.abs(true - pred)) / len(p)), abs=1e-12)
-    from sklearn.metrics import roc_auc_score
-
-    m = classification_metrics(y, np.stack([1 - p, p], 1))
-    assert m["auc"] == pytest.approx(roc_auc_score(y, p))
-
-
-def test_numbers_parse_and_misses_are_counted():
-    from llm_train.scoring import parse_number, regression_metrics
+def test_numbers_parse_and_a_miss_takes_the_declared_fallback_on_the_same_scans_as_the_baselines():
+    from llm_train.metrics import regression_figures
+    from llm_train.protocols import with_fallback
+    from llm_train.scoring import parse_number
 
     assert parse_number("63") == 63 and parse_number(" 7.5") == 7.5
     assert parse_number("") is None and parse_number("7..5") is None and parse_number("1.2.3") is None
-    m = regression_metrics(np.array([60.0, 70.0, 80.0, 50.0]), [61.0, None, 79.0, 52.0])
-    assert m["misses"] == 1 and m["n"] == 4
-    assert m["mae"] == pytest.approx((1 + 1 + 2) / 3)
+    y = np.array([60.0, 70.0, 80.0, 50.0])
+    values, misses = with_fallback([61.0, None, 79.0, float("nan")], fallback=65.0)
+    assert misses == 2 and values.tolist() == [61.0, 65.0, 79.0, 65.0]
+    m = regression_figures(y, values)
+    assert m["n"] == 4 and m["mae"] == pytest.approx((1 + 5 + 1 + 15) / 4)  # every scan, as the FC baseline's
 
 
 # ---- baselines --------------------------------------------------------------------------------------------
@@ -236,10 +216,17 @@ def test_metrics_hold_every_task_protocol_and_both_baselines(evaluated):
             assert protocol in entry, (name, protocol)
     for protocol in ("zero_shot", "k_shot_2", "fc_baseline", "tokenizer_probe"):
         assert set(metrics["sex"][protocol]) >= {"accuracy", "balanced_accuracy", "auc", "f1", "ece"}
-        assert set(metrics["age"][protocol]) >= {"mae", "r", "r2", "misses"}
-    # the tiny word-level tokenizer has no digit token: every generated age is a counted miss
-    assert metrics["age"]["zero_shot"]["misses"] == metrics["age"]["n_test"]
-    assert np.isfinite(metrics["age"]["fc_baseline"]["mae"])
+        assert set(metrics["age"][protocol]) >= {"mae", "r", "r2", "ci"}
+        assert metrics["sex"][protocol]["ci"]["auc"] is not None  # every figure with its interval
+        if protocol != "fc_baseline":
+            assert set(metrics["sex"][protocol]["vs_fc_baseline"]) >= {"auc"}
+    # the tiny word-level tokenizer has no digit token: every generated age is a counted miss, scored as the
+    # train-split mean, so the model's MAE covers the same scans as the FC baseline's
+    zero = metrics["age"]["zero_shot"]
+    assert zero["misses"] == metrics["age"]["n_test"] == zero["n"] == metrics["age"]["fc_baseline"]["n"]
+    assert zero["miss_rate"] == 1.0 and np.isfinite(zero["mae"])
+    preds = json.loads((out / "predictions.json").read_text())["age"]
+    assert set(preds["zero_shot"]) == {metrics["age"]["fallback"]["value"]}
 
 
 def test_no_k_shot_prompt_holds_a_test_subject(evaluated, corpus):
@@ -503,6 +490,7 @@ def test_instruct_trains_saves_a_stock_folder_and_eval_reads_it_in_chat_format(c
     meta = json.loads((out / "brain.json").read_text())
     assert (meta["stage"], meta["prompt_format"], meta["lora"]) == ("instruct", "chat", False)
     assert meta["instruct"]["exclude_attributes"] == ["sex"]
+    assert "sex" not in meta["instruct"]["trained_attributes"]  # read from the items trained on
     AutoModelForCausalLM.from_pretrained(out)
     assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|brain_3|>") == meta["vocab"]["first_id"] + 3
     # a resumed run at its end trains nothing and saves the same folder
@@ -513,6 +501,7 @@ def test_instruct_trains_saves_a_stock_folder_and_eval_reads_it_in_chat_format(c
                          max_test=4, report=False, device="cpu")
     assert {"zero_shot", "k_shot_1", "fc_baseline"} <= set(got["sex"])
     assert got["sex"]["in_tuning_mix"] is False  # left out of the mix: zero-shot in the paper's sense
+    assert json.loads((tmp_path / "E" / "eval.json").read_text())["in_tuning_mix"] == {"sex": False}
 
     # `fmrilm ask` asks a stage-3 folder in its chat template (a stage-2 folder stays plain)
     from corpus_builder.readers import open_zarr
@@ -554,9 +543,15 @@ def test_train_n_and_tuned_fine_tune_on_train_subjects_only(corpus, model_dir, t
 
     metrics = evaluate_tasks(model_dir, corpus, out, tasks=["sex"], shots=(0,), train_n=(2,), tuned=True,
                              instruct_cfg=cfg, max_test=4, examples=0, device="cpu", progress_fn=progress_fn)
-    assert reported == [("eval sex_train_n_2: fine-tuning steps", 2, 0), ("eval sex_tuned: fine-tuning steps", 2, 0)]
-    assert {"zero_shot", "train_n_2", "tuned", "fc_baseline", "tokenizer_probe"} <= set(metrics["sex"])
     info = json.loads((out / "eval.json").read_text())
+    every = info["fine_tuning_sets"]["sex"]["tuned"]
+    epoch = -(-len(every) // cfg.batch_size)  # `tuned`: one epoch over every labelled train scan
+    assert [r for r in reported if "fine-tuning" in r[0]] == [("eval sex_train_n_2: fine-tuning steps", 2, 0),
+                                                             ("eval sex_tuned: fine-tuning steps", epoch, 0)]
+    for name in ("zero_shot", "train_n_2", "tuned"):  # scoring reports its scans too
+        assert (f"eval sex {name}: scans", 4, 0) in reported
+    assert info["fine_tunings"]["sex"]["tuned"]["examples_seen"] == epoch * cfg.batch_size >= len(every)
+    assert {"zero_shot", "train_n_2", "tuned", "fc_baseline", "tokenizer_probe"} <= set(metrics["sex"])
     keys = info["fine_tuning_sets"]["sex"]["train_n_2"]
     train, test = read_phenotypes(corpus, "train"), read_phenotypes(corpus, "test")
     assert set(keys) <= set(train.index) and not set(train.loc[keys, "subject"]) & set(test["subject"])
@@ -566,3 +561,61 @@ def test_train_n_and_tuned_fine_tune_on_train_subjects_only(corpus, model_dir, t
     for name in ("train_n_2", "tuned"):
         assert json.loads((out / "fine_tuned" / f"sex_{name}" / "brain.json").read_text())["stage"] == "instruct"
         assert name in (out / "report.html").read_text()
+
+
+def test_eval_never_reports_another_models_fine_tuning_left_in_its_folder(corpus, model_dir, tmp_path):
+    """An eval folder holds a fine-tuning made from one model; evaluating another model into it redoes the
+    fine-tuning (or, with resume, refuses in one line) instead of scoring the stale one."""
+    import shutil
+
+    from fmrilm_core.lineage import folder_digest
+    from llm_train.config import InstructConfig
+    from llm_train.task_eval import evaluate_tasks
+
+    cfg = InstructConfig.model_validate({"steps": 2, "batch_size": 2, "checkpoint_every": 2, "eval_every": 2,
+                                         "eval_items": 2, "max_tokens": 32})
+    out = tmp_path / "E"
+    kwargs = dict(tasks=["sex"], shots=(), train_n=(2,), instruct_cfg=cfg, max_test=4, examples=0, device="cpu",
+                  report=False, temperature=False)
+    evaluate_tasks(model_dir, corpus, out, **kwargs)
+    tuned = out / "fine_tuned" / "sex_train_n_2"
+    first = json.loads((tuned / "fine_tune.json").read_text())
+    assert first["model_digest"] == folder_digest(model_dir)
+    other = tmp_path / "other_model"  # another model folder: same lineage, other content
+    shutil.copytree(model_dir, other, ignore=shutil.ignore_patterns("checkpoints"))
+    meta = json.loads((other / "brain.json").read_text())
+    (other / "brain.json").write_text(json.dumps(meta | {"note": "another model"}))
+    with pytest.raises(InputError, match="holds a fine-tuning made from .*not of .*other_model") as err:
+        evaluate_tasks(other, corpus, out, resume=True, **kwargs)
+    assert "\n" not in str(err.value)
+    evaluate_tasks(other, corpus, out, **kwargs)
+    again = json.loads((tuned / "fine_tune.json").read_text())
+    assert again["model_digest"] == folder_digest(other) != first["model_digest"]
+    assert json.loads((tuned / "lineage.json").read_text())["parent"]["stage"] == "align"
+
+
+def test_eval_refuses_the_corpus_rebuilt_with_another_seed_and_scores_an_external_cohort_as_such(corpus, model_dir,
+                                                                                                tmp_path):
+    import ray
+
+    from cluster.config import load_config
+    from corpus_builder.build import build_corpus
+    from llm_train.task_eval import evaluate_tasks
+
+    cfg = load_config(None, ["corpus.source.cleaning.length=32", f"corpus.source.atlas.n_rois={N_ROIS}",
+                             "corpus.build.shard_size=8", "corpus.build.workers=2",
+                             "corpus.splits.fractions=[0.5,0.1,0.4]"])
+    build_corpus([str(corpus.parent / "src")], cfg.corpus, tmp_path / "reseeded", seed=1)  # same scans, new splits
+    ray.shutdown()
+    with pytest.raises(InputError, match="key -> split assignment .* is not the one the model was trained on") as err:
+        evaluate_tasks(model_dir, tmp_path / "reseeded", tmp_path / "E1", tasks=["sex"], shots=(0,), device="cpu")
+    assert "\n" not in str(err.value) and not (tmp_path / "E1").exists()  # refused before any scoring
+    with pytest.raises(InputError, match="training subjects of stage 2"):  # the same people, called external
+        evaluate_tasks(model_dir, tmp_path / "reseeded", tmp_path / "E1", tasks=["sex"], external=True, device="cpu")
+    other = tiny_cohort(tmp_path / "other", subjects=8, fractions="[0.5,0.25,0.25]")  # a fresh secret: new people
+    metrics = evaluate_tasks(model_dir, other, tmp_path / "E2", tasks=["sex"], shots=(0,), examples=0, report=False,
+                             external=True, device="cpu")
+    info = json.loads((tmp_path / "E2" / "eval.json").read_text())
+    assert info["evaluation"] == "external" and info["lineage_check"]["external"]
+    assert metrics["sex"]["n_test"] == len(read_manifest(other).query("status == 'ok'"))  # every scan is a test scan
+    assert metrics["sex"]["fc_baseline"]["n"] == metrics["sex"]["n_test"]  # fitted on the model's own train split

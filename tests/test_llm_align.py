@@ -3,9 +3,8 @@ rows, training, resume, export and stock loading, bad input."""
 
 from __future__ import annotations
 
-import shutil
-
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path

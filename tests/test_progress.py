@@ -172,7 +172,9 @@ def test_quiet_third_party_keeps_what_a_user_needs(tmp_path, verbose):
     log = (tmp_path / "err.log").read_text()
     assert out.strip() == ("verbose" if verbose else "quieted")
     assert "a DeepSpeed warning a user should see" in log
-    noise = ["old api", "new default soon", "Mean of empty slice", "step=10, skipped=0", "third-party bar"]
+    # numpy's all-NaN warnings are muted only around our own calls that expect them, never process-wide
+    assert "Mean of empty slice" in log
+    noise = ["old api", "new default soon", "step=10, skipped=0", "third-party bar"]
     if verbose:
         assert all(n in log for n in noise[1:]), log  # DeprecationWarning from __main__ shows by default
     else:

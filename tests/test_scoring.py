@@ -238,7 +238,8 @@ def test_decoding_stops_where_no_numeric_token_may_continue(smollm2):
     four = tokenizer.convert_tokens_to_ids("4")
     model = _bigram(tokenizer, vocab, {question_ids(tokenizer, QUESTION)[-1]: [four]})
     first, _ = numeric_token_ids(tokenizer)
-    texts = decode_numbers(model, tokenizer, _smol_scans(2), QUESTION, numeric=(first, torch.zeros(0, dtype=torch.long)))
+    no_continuation = (first, torch.zeros(0, dtype=torch.long))
+    texts = decode_numbers(model, tokenizer, _smol_scans(2), QUESTION, numeric=no_continuation)
     assert texts == ["4", "4"]
     # and a vocabulary with no numeric token at all (the word-level test tokenizer) answers ''
     tiny, _, scans = _tiny("tokens", "sequential")

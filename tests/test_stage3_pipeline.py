@@ -79,6 +79,27 @@ def test_demo_config_runs_on_another_cohort_and_scores_the_model_beside_the_fc_b
     assert read_record(work / "eval")["input_run_id"] == read_record(work / "instruct")["run_id"]
 
 
+def test_every_saved_model_has_a_model_card_a_stock_reader_parses_and_lineage(pipeline_on_other_cohort):
+    from huggingface_hub import ModelCard
+
+    _, work = pipeline_on_other_cohort
+    fingerprint = json.loads((work / "instruct" / "lineage.json").read_text())["corpus"]["splits_sha256"]
+    for folder, stage in ((work / "tokenizer" / "tokenizer", "tokenizer"), (work / "align", "align"),
+                          (work / "instruct", "instruct")):
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.license == "other" and "fmri-lm" in card.data.tags, folder
+        lineage = json.loads((folder / "lineage.json").read_text())
+        assert lineage["stage"] == stage and lineage["corpus"]["splits_sha256"] == fingerprint
+        assert fingerprint in card.text
+        assert not [s for s in lineage["trained_subjects"] if s.split("-", 1)[1] in card.text]  # counts, not ids
+    # the eval stage wrote its figures, with intervals and the FC baseline beside them, into the stage-3 card
+    text = ModelCard.load(work / "instruct" / "README.md").text
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    auc = metrics["sex"]["zero_shot"]
+    assert f"{auc['auc']:.3f} [{auc['ci']['auc'][0]:.3f}, {auc['ci']['auc'][1]:.3f}]" in text
+    assert "fc_baseline" in text and str(work / "eval") in text
+
+
 def test_ablation_variants_run_on_the_same_corpus_and_are_reported_beside_the_main_model(pipeline_on_other_cohort):
     result, work = pipeline_on_other_cohort
     variants = {s.name for s in result.stages if "/" in s.name}
