@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from fmrilm_core.engine import gathered
 from fmrilm_core.errors import InputError
-from fmrilm_core.lineage import write_lineage
+from fmrilm_core.lineage import chain, write_lineage
 from fmrilm_core.llm import load_causal_lm, resolve_llm
 from llm_train.connectivity import ConnectivityTokens
 from llm_train.model import AlignModel, BrainFeatureAdapter
@@ -94,6 +94,9 @@ def save_aligned(model: AlignModel, tokenizer, cfg, brain_tokenizer, tokenizer_d
         if Path(tokenizer_dir).resolve() != target.resolve():
             shutil.rmtree(target, ignore_errors=True)
             brain_tokenizer.save_pretrained(target)
+            stage1 = [s for s in chain(lineage) if s["stage"] == "tokenizer"]
+            if stage1:  # the copy stands alone too: a later stage 2 may start from it
+                write_lineage(target, stage1[0])
         c = brain_tokenizer.config
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "stage": stage,
                 "brain_tokenizer": "brain_tokenizer", "n_rois": c.n_rois, "length": c.length, "patch": c.patch,
