@@ -300,6 +300,8 @@ def _continuations(model: AlignModel, cache: Any, last: torch.Tensor, offset: in
     total = F.log_softmax(last, dim=-1)[:, first].double()
     if all(len(o) == 1 for o in options):
         return total
+    if how == "packed" and getattr(model.backbone.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        how = "per_option"  # flash-attention kernels take no 4-D mask: packed options would see one another
     if how == "packed":
         which = torch.tensor([c for c, o in enumerate(options) for _ in o[1:]], device=device)
         step = torch.tensor([j for o in options for j in range(len(o) - 1)], device=device)

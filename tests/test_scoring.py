@@ -83,6 +83,7 @@ LAYOUTS = [("tokens", "sequential"), ("features", "per_step")]
 def test_cached_option_loglik_equals_the_uncached_computation(input_mode, position_mode):
     """0 and 2 shots, options of 2, 3 and 5 tokens, every continuation strategy; one prefix serves two batches."""
     model, tokenizer, scans = _tiny(input_mode, position_mode)
+    assert model.backbone.config._attn_implementation in ("sdpa", "eager")  # else 'packed' falls back per option
     shots = [Shot({k: v[0] for k, v in scans(1).items()}, shot_text(tokenizer, "the brain is", answer))
              for answer in ("weak", "visual network")]
     q = question_ids(tokenizer, "the brain is")
@@ -238,8 +239,8 @@ def test_decoding_stops_where_no_numeric_token_may_continue(smollm2):
     four = tokenizer.convert_tokens_to_ids("4")
     model = _bigram(tokenizer, vocab, {question_ids(tokenizer, QUESTION)[-1]: [four]})
     first, _ = numeric_token_ids(tokenizer)
-    no_continuation = (first, torch.zeros(0, dtype=torch.long))
-    texts = decode_numbers(model, tokenizer, _smol_scans(2), QUESTION, numeric=no_continuation)
+    no_more = torch.zeros(0, dtype=torch.long)
+    texts = decode_numbers(model, tokenizer, _smol_scans(2), QUESTION, numeric=(first, no_more))
     assert texts == ["4", "4"]
     # and a vocabulary with no numeric token at all (the word-level test tokenizer) answers ''
     tiny, _, scans = _tiny("tokens", "sequential")
