@@ -222,6 +222,23 @@ def tuned_steps(n_examples: int, epochs: float, batch_size: int) -> int:
     return max(1, math.ceil(epochs * n_examples / batch_size))
 
 
+def check_fine_tunings(out: Path, model_dir: Path, corpus: Path) -> None:
+    """With --resume, before any scoring: every fine-tuning already in `out/fine_tuned/` must have been made from
+    this model folder and this corpus's split assignment (one-line error naming the first that was not)."""
+    from corpus_builder.lineage import corpus_fingerprint
+
+    records = sorted((out / "fine_tuned").glob(f"*/{FINE_TUNE_RECORD}"))
+    if not records:
+        return
+    digest, splits = folder_digest(model_dir), corpus_fingerprint(corpus)["splits_sha256"]
+    for path in records:
+        record = json.loads(path.read_text())
+        if record.get("model_digest") != digest or record.get("corpus_splits_sha256") != splits:
+            raise InputError(f"{path.parent}: holds a fine-tuning made from {record.get('model')} (digest "
+                             f"{record.get('model_digest')}), not of {model_dir} (digest {digest}) on this corpus; "
+                             "remove it or run without --resume to redo it")
+
+
 def fine_tune_on(model_dir: Path, corpus: Path, out: Path, data: TaskData, keys: list[str], cfg, *,
                  resume: bool = False, progress_fn=None) -> dict:
     """The paper's few-shot / tuned protocols: instruction-tune the folder on the task's question for the train

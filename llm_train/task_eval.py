@@ -55,6 +55,7 @@ from llm_train.protocols import (  # noqa: F401  (ScanCache, choose_shots: part 
     Asker,
     ScanCache,
     answer_text,
+    check_fine_tunings,
     choose_shots,
     fine_tune_on,
     progress_for,
@@ -251,6 +252,8 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
         own = corpus
         test_pheno, test_subjects = read_phenotypes(corpus, "test"), split_subjects(corpus, "test")
     check = check_corpus(lineage, fingerprint, test_subjects, external)
+    if resume:
+        check_fine_tunings(out, model_dir, own)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     train_pheno, val_pheno = read_phenotypes(own, "train"), read_phenotypes(own, "val")
     if test_pheno.empty:
@@ -299,8 +302,8 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
             scoring.protocol(name, tuned_model, tuned_tok, tuned_meta.get("prompt_format", "plain"), [])
             del tuned_model
         metrics[task.name], predictions[task.name] = scoring.finish()
-    for name, reason in skipped.items():
-        metrics[name] = {"skipped": reason}
+    for name, reason in skipped.items():  # an external cohort's "test split" is the whole cohort
+        metrics[name] = {"skipped": reason.replace("the test split", "the external cohort") if external else reason}
     descriptions = describe_examples(model, tokenizer, cache, corpus, meta, sorted(test_pheno.index), examples,
                                      max_new_tokens, device, seed, external)
     info = {"model": str(model_dir.resolve()), "corpus": str(corpus), "corpus_fingerprint": fingerprint,

@@ -586,8 +586,10 @@ def test_eval_never_reports_another_models_fine_tuning_left_in_its_folder(corpus
     meta = json.loads((other / "brain.json").read_text())
     (other / "brain.json").write_text(json.dumps(meta | {"note": "another model"}))
     with pytest.raises(InputError, match="holds a fine-tuning made from .*not of .*other_model") as err:
-        evaluate_tasks(other, corpus, out, resume=True, **kwargs)
+        evaluate_tasks(other, corpus, out, resume=True, **{**kwargs, "shots": (0,)})
     assert "\n" not in str(err.value)
+    assert json.loads((out / "metrics.json").read_text())["sex"].keys() >= {"train_n_2"}  # refused before scoring
+    assert "zero_shot" not in json.loads((out / "metrics.json").read_text())["sex"]
     evaluate_tasks(other, corpus, out, **kwargs)
     again = json.loads((tuned / "fine_tune.json").read_text())
     assert again["model_digest"] == folder_digest(other) != first["model_digest"]
