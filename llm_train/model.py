@@ -135,9 +135,13 @@ class AlignModel(nn.Module):
                                batch["suffix_mask"].long()], dim=1)
         labels = torch.cat([torch.full((b, scan_len), IGNORE, dtype=torch.long, device=embeds.device),
                             suffix_labels], dim=1)
+        # logits only where a caption token is predicted (the suffix and the token before it): the LM head over the
+        # whole vocabulary at the W x N + P scan positions is most of a small model's step and carries no loss
+        keep = suffix_ids.shape[1] + 1
         out = self.backbone(inputs_embeds=embeds, attention_mask=attention,
-                            position_ids=self.positions(b, suffix, embeds.device), use_cache=False)
-        return causal_lm_loss(out.logits, labels)
+                            position_ids=self.positions(b, suffix, embeds.device), use_cache=False,
+                            logits_to_keep=keep)
+        return causal_lm_loss(out.logits, labels[:, -keep:])
 
     def t2t_loss(self, batch: dict) -> torch.Tensor:
         ids = batch["text_ids"]
