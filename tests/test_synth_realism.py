@@ -45,9 +45,8 @@ if not _HAS_DATA:  # pragma: no cover
 TR = 2.0
 # Tolerances on |synthetic mean - HCP mean|. The present gap (0.17 lag-1, 0.13 share, table above) is a known
 # property of the generator, admitted with a margin of about three times the spread of the mean of 6 synthetic
-# subjects (per-subject sd ~0.02); anything that moves the generator further from real BOLD than that, e.g. noise
-# made white (lag-1 -> 0, share -> 0.40), measurement noise dropped or slow drifts left in (towards lag-1 1, share 1),
-# fails.
+# subjects (per-subject sd ~0.02); anything that moves the generator further from real BOLD than that fails, e.g.
+# noise made white (lag-1 -> 0, share -> 0.40) or a change that makes it slower still.
 # A generator brought closer to real BOLD passes: then tighten these to the new gap.
 LAG1_TOLERANCE = 0.22
 LOW_SHARE_TOLERANCE = 0.16
