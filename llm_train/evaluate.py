@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -100,10 +101,14 @@ def constant_claims(train_captions: list[str]) -> set[tuple[str, str]]:
 
 
 def caption_fidelity(generated: list[str], true: list[str], constant: set[tuple[str, str]],
-                     seed: int = 0) -> dict[str, float]:
+                     seed: int = 0, claims: Collection[str] | None = None) -> dict[str, float]:
     """Share of each true caption's claims that the generated caption makes, averaged over scans; beside it the
-    shuffled-scan control (another scan's generated caption) and the constant caption."""
+    shuffled-scan control (another scan's generated caption) and the constant caption. `claims`: score only the
+    true claims of these names (e.g. the recoverable ones of `bench/caption_recoverability.py`); None = all."""
     truth = [caption_claims(t) for t in true]
+    if claims is not None:
+        names = set(claims)
+        truth = [{c for c in t if c[0] in names} for t in truth]
     said = [caption_claims(g) for g in generated]
     n = len(truth)
     shift = 1 + int(np.random.default_rng(seed).integers(0, max(1, n - 1)))  # a derangement: never the scan itself
