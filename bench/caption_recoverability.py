@@ -199,7 +199,8 @@ def main() -> None:
     zarr = open_zarr(args.corpus)
     targets = {s: np.stack([np.concatenate([zarr.descriptors(k, z=True), zarr.fc_pairs(k, z=True)])
                             for k in keys[s]]) for s in keys}
-    captions = {k: v for s in ["train", *args.heldout.split(",")] for k, v in read_captions(args.corpus, s.strip()).items()}
+    splits = ["train", *(s.strip() for s in args.heldout.split(","))]
+    captions = {k: v for s in splits for k, v in read_captions(args.corpus, s).items()}
     truth = {s: [dict(caption_claims(captions[k])) for k in keys[s]] for s in keys}
     cfg = CaptionConfig()
     n_desc = len(DESCRIPTOR_NAMES)
@@ -249,7 +250,8 @@ def main() -> None:
         print(f"{name:28s} {r['values']:4d} {r['majority']:6.3f}" + "".join(f" {r[v]:8.3f}" for v in VIEWS)
               + f"  [{lo:+.3f}, {hi:+.3f}]  {'yes' if r['recoverable'] else ''}")
     print(f"\n{len(recoverable)} of {len(rows)} claims recoverable from codes + connectivity tokens "
-          f"({len(keys['train'])} train / {len(keys['val'])} {args.heldout} scans); fc, spectrum: of the series, not given to the LLM")
+          f"({len(keys['train'])} train / {len(keys['val'])} {args.heldout} scans); "
+          "fc, spectrum: of the series, not given to the LLM")
     print(f"claims written from the true z = the captions' claims on {agree:.0%} of {args.heldout} scans")
     print(f"wrote {args.out}; {time.process_time() - start:.0f} CPU s")
 

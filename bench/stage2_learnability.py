@@ -132,7 +132,8 @@ def build(args, brain_tokenizer, connectivity, captions: list[str]):
             used.update(tokenizer(text, add_special_tokens=False)["input_ids"])
         compact = CompactVocabulary(used, n_text, len(tokenizer))
         vocab = replace(vocab, first_id=int(compact.compact[vocab.first_id]),
-                        scan_start=int(compact.compact[vocab.scan_start]), scan_end=int(compact.compact[vocab.scan_end]))
+                        scan_start=int(compact.compact[vocab.scan_start]),
+                        scan_end=int(compact.compact[vocab.scan_end]))
         connectivity = replace(connectivity, first_id=int(compact.compact[connectivity.first_id]))
         n_text = compact.n_text
     backbone = small_llama(len(compact) if compact else len(tokenizer), args.hidden, args.layers, 1024, args.seed)
@@ -208,7 +209,8 @@ def main() -> None:
     constant = constant_claims([train.scans.caption_of[k] for k in train.scans.keys])
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.layers} layers x {args.hidden}, {n_params / 1e6:.1f} M parameters, vocabulary "
-          f"{len(tokenizer)}" + (f" (compact: {len(compact)} rows)" if compact is not None else "") + f"; {len(train.scans.keys)} train scans, {len(keys)} val scans; recoverable claims: "
+          f"{len(tokenizer)}" + (f" (compact: {len(compact)} rows)" if compact is not None else "")
+          + f"; {len(train.scans.keys)} train scans, {len(keys)} val scans; recoverable claims: "
           f"{', '.join(recoverable) or 'none given'}")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
