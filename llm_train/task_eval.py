@@ -324,14 +324,13 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
         from llm_train.report import write_report
 
         write_report(out / "report.html", metrics, predictions, descriptions, info)
-    if (model_dir / CARD).is_file():  # the model's card carries what was measured on it, with its intervals
-        add_figures(model_dir, card_figures(metrics, external), f"`fmrilm eval` into {out.resolve()} "
-                    f"({'external cohort' if external else 'test split'} of {corpus}, corpus splits "
-                    f"{fingerprint['splits_sha256']}; {len(test_subjects)} subjects)")
+    if (model_dir / CARD).is_file() and not external:  # the card carries the figures of its own test split
+        add_figures(model_dir, card_figures(metrics), f"`fmrilm eval` into {out.resolve()} (test split of {corpus}, "
+                    f"corpus splits {fingerprint['splits_sha256']}; {len(test_subjects)} subjects)")
     return metrics
 
 
-def card_figures(metrics: dict, external: bool = False) -> list[dict]:
+def card_figures(metrics: dict) -> list[dict]:
     """The model card's rows: per task and model protocol, the headline figure (AUC or MAE) with its interval beside
     the FC baseline's and the paired difference."""
     rows = []
@@ -344,10 +343,11 @@ def card_figures(metrics: dict, external: bool = False) -> list[dict]:
             if not isinstance(figures, dict) or "ci" not in figures or protocol in BASELINES:
                 continue
             diff = figures.get("vs_fc_baseline", {}).get(metric, {})
-            rows.append({"task": task, "protocol": protocol + (" (external)" if external else ""), "metric": metric,
+            rows.append({"task": task, "protocol": protocol, "metric": metric,
                          "value": figures.get(metric), "ci": figures["ci"].get(metric), "baseline": "fc_baseline",
                          "baseline_value": fc.get(metric), "baseline_ci": fc.get("ci", {}).get(metric),
-                         "diff": diff.get("diff"), "diff_ci": diff.get("ci"), "n": figures.get("n")})
+                         "diff": diff.get("diff"), "diff_ci": diff.get("ci"),
+                         "n": None if figures.get("n") is None else int(figures["n"])})
     return rows
 
 
