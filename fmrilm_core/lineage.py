@@ -61,7 +61,7 @@ def read_lineage(folder: str | Path) -> dict:
 def chain(lineage: dict | None) -> list[dict]:
     """The stages of a lineage, newest first."""
     out = []
-    while lineage:
+    while isinstance(lineage, dict):
         out.append(lineage)
         lineage = lineage.get("parent")
     return out
@@ -111,14 +111,13 @@ def check_corpus(lineage: dict, corpus: dict, test_subjects: set[str], external:
 
 
 def folder_digest(folder: str | Path, skip: tuple[str, ...] = ("README.md",)) -> str:
-    """Content hash of a model folder's files (the model card left out: eval writes its figures into it), so a
-    fine-tuning made from one model is never resumed for another at the same path."""
+    """A model folder's identity, cheaply (as the corpus build's source fingerprint): path, size and modification
+    time of every file, the model card left out (eval writes its figures into it) and checkpoints too. A fine-tuning
+    made from one model is then never resumed or scored for another at the same path, and no weight file is read."""
     digest = hashlib.sha256()
     root = Path(folder)
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip
                        and "checkpoints" not in p.relative_to(root).parts):
-        digest.update(f"{path.relative_to(root)}\0".encode())
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from fmrilm_core.errors import InputError
+from fmrilm_core.lineage import chain
 
 CARD = "README.md"
 FIGURES_START = "<!-- fmrilm:figures:start -->"
@@ -43,7 +44,6 @@ BASE_TAGS = ("fmri", "neuroimaging", "fmri-lm")
 SYNTHETIC_TAG = "synthetic-data"
 REDACTED = "[subject]"
 _LLM_DEFAULTS = ("transformers", "text-generation")  # the signature's defaults, which fit the LLM folders
-_MAX_LINEAGE_DEPTH = 16  # a lineage is a short chain (tokenizer → align → instruct → fine-tune); deeper is a loop
 
 
 @dataclass(frozen=True)
@@ -181,14 +181,9 @@ def _write(path: Path, text: str) -> Path:
 def _lineage_chain(lineage: dict | None) -> list[dict]:
     """This model's lineage, then its input model's, and so on: [{"stage", "corpus", "subjects", "n_subjects"}].
     Missing keys become empty values; the subjects are kept only to count and redact them."""
-    chain: list[dict] = []
-    node = lineage
-    while isinstance(node, dict) and len(chain) < _MAX_LINEAGE_DEPTH:
-        corpus = node.get("corpus") if isinstance(node.get("corpus"), dict) else {}
-        subjects = [str(s) for s in node.get("trained_subjects") or []]
-        chain.append({"stage": node.get("stage"), "corpus": corpus, "subjects": subjects})
-        node = node.get("parent")
-    return chain
+    return [{"stage": node.get("stage"),
+             "corpus": node.get("corpus") if isinstance(node.get("corpus"), dict) else {},
+             "subjects": [str(s) for s in node.get("trained_subjects") or []]} for node in chain(lineage)]
 
 
 def _what_it_is(folder: Path, kind: str, base_model: str | None) -> list[str]:

@@ -56,6 +56,17 @@ def atlas_signature(corpus: Path) -> dict:
     return {"n_rois": len(labels), "labels_sha256": labels_signature(labels)}
 
 
+def check_atlas(model_dir: Path, corpus: Path) -> dict:
+    """The model folder's brain.json; one-line error when its atlas is not the corpus's."""
+    meta = read_meta(model_dir)
+    ours, theirs = atlas_signature(corpus), meta.get("atlas") or {}
+    if theirs.get("labels_sha256") != ours["labels_sha256"]:
+        raise InputError(f"{model_dir}: its brain tokenizer reads another atlas (N={theirs.get('n_rois')}, labels "
+                         f"{theirs.get('labels_sha256')}) than the corpus {corpus} (N={ours['n_rois']}, labels "
+                         f"{ours['labels_sha256']})")
+    return meta
+
+
 def save_aligned(model: AlignModel, tokenizer, cfg, brain_tokenizer, tokenizer_dir: Path, corpus: Path, out: Path,
                  rank: int, stage: str = "align", extra: dict | None = None, *, lineage: dict,
                  config: dict | None = None) -> Path:

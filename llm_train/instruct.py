@@ -40,7 +40,7 @@ from fmrilm_core.lineage import folder_digest, read_lineage
 from fmrilm_core.runtime import Runtime
 from llm_train.config import InstructConfig
 from llm_train.data import encode_scans
-from llm_train.export import load_aligned, save_aligned
+from llm_train.export import check_atlas, load_aligned, save_aligned
 from llm_train.model import IGNORE, AlignModel
 from llm_train.train import engine_from
 from llm_train.zero3 import live_config, merged
@@ -215,8 +215,6 @@ def answer_loss(model: AlignModel, batches: list[dict], device) -> float:
 def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict:
     """Instruction-tune the stage-2 folder `inputs.model` on `inputs.corpus`'s train items; save into `inputs.out`.
     Returns the final val answer loss (and the one before training)."""
-    from llm_train.task_eval import check_atlas
-
     model_dir, corpus, out = Path(inputs.model), Path(inputs.corpus), Path(inputs.out)
     meta = check_atlas(model_dir, corpus)
     lineage = stage_lineage("fine_tune" if inputs.items is not None else "instruct", corpus, read_lineage(model_dir),

@@ -41,6 +41,7 @@ from llm_train.scoring import (
     option_scores,
     parse_number,
     shot_prefix,
+    shot_text,
 )
 from llm_train.tasks import TaskData
 
@@ -128,6 +129,12 @@ class ScanCache:
         return {name: torch.stack([self.encoded[k][name] for k in keys]) for name in self.encoded[keys[0]]}
 
 
+def make_shot(tokenizer, fmt: str, data: TaskData, shot_cache: ScanCache, key: str) -> Shot:
+    """The train scan `key` as an in-context example: its scan and `question answer end`."""
+    scan = {n: v[0] for n, v in shot_cache.scans([key]).items()}
+    return Shot(scan, shot_text(tokenizer, data.task.question, answer_text(data, data.train[key]), fmt))
+
+
 class Asker:
     """One model asked one task's question about many scans, with in-context examples from `shot_cache` (the train
     corpus) in each test scan's own order; reports progress per scan."""
@@ -139,12 +146,7 @@ class Asker:
         self.batch_size, self.device, self.seed, self.progress = batch_size, device, seed, progress
 
     def _shot(self, key: str) -> Shot:
-        from llm_train.scoring import shot_text
-
-        task = self.data.task
-        scan = {n: v[0] for n, v in self.shot_cache.scans([key]).items()}
-        return Shot(scan, shot_text(self.tokenizer, task.question, answer_text(self.data, self.data.train[key]),
-                                    self.fmt))
+        return make_shot(self.tokenizer, self.fmt, self.data, self.shot_cache, key)
 
     def each(self, keys: list[str], fn) -> list:
         """fn(scans, shots, prefix) per batch of `keys` grouped by their examples' order; results in `keys` order."""
@@ -222,44 +224,46 @@ def tuned_steps(n_examples: int, epochs: float, batch_size: int) -> int:
     return max(1, math.ceil(epochs * n_examples / batch_size))
 
 
-def check_fine_tunings(out: Path, model_dir: Path, corpus: Path) -> None:
-    """With --resume, before any scoring: every fine-tuning already in `out/fine_tuned/` must have been made from
-    this model folder and this corpus's split assignment (one-line error naming the first that was not)."""
+def fine_tune_key(model_dir: Path, corpus: Path) -> dict:
+    """What every fine-tuning of one evaluation is made from: the input folder (path and digest) and the corpus's
+    split assignment. Computed once per evaluation."""
     from corpus_builder.lineage import corpus_fingerprint
 
-    records = sorted((out / "fine_tuned").glob(f"*/{FINE_TUNE_RECORD}"))
-    if not records:
-        return
-    digest, splits = folder_digest(model_dir), corpus_fingerprint(corpus)["splits_sha256"]
-    for path in records:
+    return {"model": str(Path(model_dir).resolve()), "model_digest": folder_digest(model_dir),
+            "corpus_splits_sha256": corpus_fingerprint(corpus)["splits_sha256"]}
+
+
+def check_fine_tunings(out: Path, key: dict) -> None:
+    """With --resume, before any scoring: every fine-tuning already in `out/fine_tuned/` must have been made from
+    the model folder and corpus of `key` (`fine_tune_key`; one-line error naming the first that was not)."""
+    for path in sorted((out / "fine_tuned").glob(f"*/{FINE_TUNE_RECORD}")):
         record = json.loads(path.read_text())
-        if record.get("model_digest") != digest or record.get("corpus_splits_sha256") != splits:
+        if any(record.get(k) != key[k] for k in ("model_digest", "corpus_splits_sha256")):
             raise InputError(f"{path.parent}: holds a fine-tuning made from {record.get('model')} (digest "
-                             f"{record.get('model_digest')}), not of {model_dir} (digest {digest}) on this corpus; "
-                             "remove it or run without --resume to redo it")
+                             f"{record.get('model_digest')}), not of {key['model']} (digest {key['model_digest']}) "
+                             "on this corpus; remove it or run without --resume to redo it")
 
 
 def fine_tune_on(model_dir: Path, corpus: Path, out: Path, data: TaskData, keys: list[str], cfg, *,
-                 resume: bool = False, progress_fn=None) -> dict:
+                 key: dict | None = None, resume: bool = False, progress_fn=None) -> dict:
     """The paper's few-shot / tuned protocols: instruction-tune the folder on the task's question for the train
     scans `keys` only (`llm_train.instruct`, in-process, steps reported through `progress_fn`), into `out`.
 
     The folder is keyed by what it is made from (the input folder's content, the corpus's split assignment, the
-    examples, the config): an `out` made from anything else is removed and made afresh, or, with `resume`, refused
-    in one line, so another model's fine-tuning can never be scored. Returns the record of the run (its key and how
+    examples, the config; `key` from `fine_tune_key`, computed here when not given): an `out` made from anything
+    else is removed and made afresh, or, with `resume`, refused in one line, so another model's fine-tuning can
+    never be scored. Returns the record of the run (its key and how
     many examples it saw)."""
-    from corpus_builder.lineage import corpus_fingerprint
     from fmrilm_core.runtime import LocalRuntime
     from llm_train.config import InstructConfig
     from llm_train.instruct import InstructInputs
     from llm_train.instruct import train as train_instruct
 
     cfg = cfg if cfg is not None else InstructConfig(steps=20, checkpoint_every=20, eval_every=20, eval_items=4)
-    items = tuple((key, ({"role": "user", "content": data.task.question},
-                         {"role": "assistant", "content": answer_text(data, data.train[key])})) for key in keys)
-    record = {"model": str(Path(model_dir).resolve()), "model_digest": folder_digest(model_dir),
-              "corpus_splits_sha256": corpus_fingerprint(corpus)["splits_sha256"], "task": data.task.name,
-              "keys": list(keys), "config": cfg.model_dump(mode="json"),
+    items = tuple((k, ({"role": "user", "content": data.task.question},
+                       {"role": "assistant", "content": answer_text(data, data.train[k])})) for k in keys)
+    record = {**(key or fine_tune_key(model_dir, corpus)), "task": data.task.name, "keys": list(keys),
+              "config": cfg.model_dump(mode="json"),
               "examples_seen": cfg.steps * cfg.batch_size, "steps": cfg.steps, "batch_size": cfg.batch_size,
               "train_scans": len(keys), "epochs": round(cfg.steps * cfg.batch_size / max(1, len(keys)), 3)}
     key_file = out / FINE_TUNE_RECORD

@@ -59,10 +59,6 @@ def _img(src: str, alt: str) -> str:
     return f'<img src="{src}" alt="{html.escape(alt)}">'
 
 
-def _protocols(entry: dict) -> list[str]:
-    return protocols(entry)
-
-
 def _number(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
@@ -106,7 +102,7 @@ def summary_columns(metrics: dict) -> list[str]:
     names: list[str] = []
     for entry in metrics.values():
         if "skipped" not in entry:
-            names += [p for p in _protocols(entry) if p not in names and p not in BASELINES]
+            names += [p for p in protocols(entry) if p not in names and p not in BASELINES]
     return names + [b for b in BASELINES if b != FC and any(b in e for e in metrics.values())]
 
 
@@ -140,17 +136,17 @@ def summary_table(metrics: dict) -> str:
 
 def task_table(name: str, entry: dict) -> str:
     cols = CLASS_METRICS if entry["kind"] == "classification" else REG_METRICS
-    present = [c for c in cols if any(isinstance(entry[p], dict) and c in entry[p] for p in _protocols(entry))]
+    present = [c for c in cols if any(isinstance(entry[p], dict) and c in entry[p] for p in protocols(entry))]
     head = "".join(f"<th>{c}</th>" for c in present)
     rows = []
-    for protocol in _protocols(entry):
+    for protocol in protocols(entry):
         figures = entry[protocol]
         cells = "".join(f"<td>{_figure_html(figures, c)}</td>" for c in present)
         rows.append(f'<tr><td class="l">{html.escape(protocol)}</td>{cells}</tr>')
     out = (f'<table id="table-{html.escape(name)}"><tr><th class="l">{html.escape(name)}: protocol</th>{head}</tr>'
            + "".join(rows) + "</table>")
     compared = COMPARED[entry["kind"]]
-    versus = [p for p in _protocols(entry) if isinstance(entry[p].get("vs_fc_baseline"), dict)]
+    versus = [p for p in protocols(entry) if isinstance(entry[p].get("vs_fc_baseline"), dict)]
     if versus:
         out += (f'<table id="vs-fc-{html.escape(name)}"><tr><th class="l">{html.escape(name)}: minus fc_baseline'
                 "</th>" + "".join(f"<th>\u0394 {m}</th>" for m in compared) + "</tr>"
@@ -170,7 +166,7 @@ def task_table(name: str, entry: dict) -> str:
     if isinstance(boot, dict):
         notes.append(f"intervals: {boot.get('resamples')} {boot.get('method')} bootstrap resamples of the "
                      f"{boot.get('subjects')} test subjects (seed {boot.get('seed')})")
-    undefined = {p: entry[p]["ci_undefined"] for p in _protocols(entry) if entry[p].get("ci_undefined")}
+    undefined = {p: entry[p]["ci_undefined"] for p in protocols(entry) if entry[p].get("ci_undefined")}
     if undefined:
         notes.append("resamples where a figure was undefined, left out of its interval: " + "; ".join(
             f"{html.escape(p)} " + ", ".join(f"{m} {c}" for m, c in u.items()) for p, u in undefined.items()))
@@ -204,7 +200,7 @@ def classification_figures(name: str, entry: dict, preds: dict) -> list[tuple[st
     from sklearn.metrics import confusion_matrix
 
     y = np.asarray(preds["y"], int)
-    protocols_ = [p for p in _protocols(entry) if p in preds]
+    protocols_ = [p for p in protocols(entry) if p in preds]
     subjects = preds.get("subjects")
     seed = int((entry.get("bootstrap") or {}).get("seed", 0))
     figures = []
@@ -256,7 +252,7 @@ def regression_figures(name: str, entry: dict, preds: dict) -> list[tuple[str, s
 
     y = np.asarray(preds["y"], float)
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    for p in [p for p in _protocols(entry) if p in preds]:
+    for p in [p for p in protocols(entry) if p in preds]:
         v = np.array([np.nan if x is None else x for x in preds[p]], float)
         ok = np.isfinite(v)
         misses = _number(entry[p].get("misses"))

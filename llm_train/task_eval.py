@@ -49,40 +49,37 @@ from fmrilm_core.errors import InputError
 from fmrilm_core.lineage import check_corpus, read_lineage
 from fmrilm_core.model_card import CARD, add_figures
 from llm_train.baselines import fc_features, fit_predict, probe_features
-from llm_train.export import atlas_signature, load_aligned, read_meta
-from llm_train.metrics import add_intervals, classification_figures, fit_temperature, regression_figures
+from llm_train.export import check_atlas, load_aligned  # noqa: F401  (check_atlas: part of this module's API)
+from llm_train.metrics import (
+    BASELINES,
+    HEADLINE,
+    add_intervals,
+    classification_figures,
+    fit_temperature,
+    protocols,
+    regression_figures,
+)
 from llm_train.protocols import (  # noqa: F401  (ScanCache, choose_shots: part of this module's API)
     Asker,
     ScanCache,
-    answer_text,
     check_fine_tunings,
     choose_shots,
+    fine_tune_key,
     fine_tune_on,
+    make_shot,
     progress_for,
     tuned_steps,
     value_grid,
     with_fallback,
 )
-from llm_train.scoring import Shot, check_context, question_ids, shot_text
+from llm_train.scoring import check_context, question_ids
 from llm_train.tasks import TaskData, select_tasks
 
-BASELINES = ("fc_baseline", "tokenizer_probe")
 MAX_VAL_SCANS = 64  # val scans scored to fit the temperature
 
 
 def protocol_name(k: int) -> str:
     return "zero_shot" if k == 0 else f"k_shot_{k}"
-
-
-def check_atlas(model_dir: Path, corpus: Path) -> dict:
-    """The model folder's brain.json; one-line error when its atlas is not the corpus's."""
-    meta = read_meta(model_dir)
-    ours, theirs = atlas_signature(corpus), meta.get("atlas") or {}
-    if theirs.get("labels_sha256") != ours["labels_sha256"]:
-        raise InputError(f"{model_dir}: its brain tokenizer reads another atlas (N={theirs.get('n_rois')}, labels "
-                         f"{theirs.get('labels_sha256')}) than the corpus {corpus} (N={ours['n_rois']}, labels "
-                         f"{ours['labels_sha256']})")
-    return meta
 
 
 def all_phenotypes(corpus: Path) -> pd.DataFrame:
@@ -158,9 +155,7 @@ class TaskScoring:
         chosen = choose_shots(data, s.train_pheno, set(s.test_pheno["subject"]), k, s.seed)
         if chosen:
             answers = [s.tokenizer(o, add_special_tokens=False)["input_ids"] for o in data.task.options] or [[0] * 6]
-            context = [Shot({n: v[0] for n, v in s.own_cache.scans([key]).items()},
-                            shot_text(s.tokenizer, data.task.question, answer_text(data, data.train[key]), s.fmt))
-                       for key in chosen]
+            context = [make_shot(s.tokenizer, s.fmt, data, s.own_cache, key) for key in chosen]
             check_context(s.model, context, question_ids(s.tokenizer, data.task.question, s.fmt),
                           1 + max(len(a) for a in answers))
         return chosen
@@ -252,8 +247,9 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
         own = corpus
         test_pheno, test_subjects = read_phenotypes(corpus, "test"), split_subjects(corpus, "test")
     check = check_corpus(lineage, fingerprint, test_subjects, external)
-    if resume:
-        check_fine_tunings(out, model_dir, own)
+    key = fine_tune_key(model_dir, own) if train_n or tuned else None
+    if resume and key is not None:
+        check_fine_tunings(out, key)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     train_pheno, val_pheno = read_phenotypes(own, "train"), read_phenotypes(own, "val")
     if test_pheno.empty:
@@ -296,7 +292,7 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
                 cfg = cfg.model_copy(update={"steps": steps, "checkpoint_every": steps, "eval_every": steps})
             tuned_dir = out / "fine_tuned" / f"{task.name}_{name}"
             fine_tunings.setdefault(task.name, {})[name] = fine_tune_on(
-                model_dir, own, tuned_dir, data, chosen, cfg, resume=resume, progress_fn=progress_fn)
+                model_dir, own, tuned_dir, data, chosen, cfg, key=key, resume=resume, progress_fn=progress_fn)
             fine_tuning_sets.setdefault(task.name, {})[name] = chosen
             tuned_model, tuned_tok, _, tuned_meta = load_aligned(tuned_dir, device)
             scoring.protocol(name, tuned_model, tuned_tok, tuned_meta.get("prompt_format", "plain"), [])
@@ -337,10 +333,11 @@ def card_figures(metrics: dict) -> list[dict]:
     for task, entry in metrics.items():
         if "skipped" in entry:
             continue
-        metric = "auc" if entry["kind"] == "classification" else "mae"
+        metric = HEADLINE[entry["kind"]]
         fc = entry.get("fc_baseline", {})
-        for protocol, figures in entry.items():
-            if not isinstance(figures, dict) or "ci" not in figures or protocol in BASELINES:
+        for protocol in protocols(entry):
+            figures = entry[protocol]
+            if protocol in BASELINES or "ci" not in figures:
                 continue
             diff = figures.get("vs_fc_baseline", {}).get(metric, {})
             rows.append({"task": task, "protocol": protocol, "metric": metric,

