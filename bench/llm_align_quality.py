@@ -29,6 +29,15 @@ ROWS = [  # (label, key, its comparison)
     ("caption fidelity", "caption_fidelity", None),
     ("  shuffled scans", "caption_fidelity_shuffled", None),
     ("  constant caption", "caption_fidelity_constant", None),
+    ("  minus shuffled", "caption_fidelity_minus_shuffled", None),
+    ("    95% CI low", "caption_fidelity_minus_shuffled_ci_low", None),
+    ("    95% CI high", "caption_fidelity_minus_shuffled_ci_high", None),
+    ("fidelity, recoverable claims", "caption_fidelity_recoverable", None),
+    ("  shuffled scans", "caption_fidelity_recoverable_shuffled", None),
+    ("  constant caption", "caption_fidelity_recoverable_constant", None),
+    ("  minus shuffled", "caption_fidelity_recoverable_minus_shuffled", None),
+    ("    95% CI low", "caption_fidelity_recoverable_minus_shuffled_ci_low", None),
+    ("    95% CI high", "caption_fidelity_recoverable_minus_shuffled_ci_high", None),
     ("T2T perplexity", "t2t_perplexity", None),
     ("  text rows only", "t2t_perplexity_text_rows", None),
     ("  base model", "t2t_perplexity_base", None),
@@ -40,11 +49,38 @@ def verdicts(m: dict) -> list[str]:
     if "f2f_accuracy" in m:
         ok = m["f2f_accuracy"] > max(m["f2f_copy_baseline"], m["f2f_frequent_baseline"])
         out.append(f"F2F above both baselines: {'yes' if ok else 'NO'}")
-    out.append(f"caption fidelity above shuffled: "
-               f"{'yes' if m['caption_fidelity'] > m['caption_fidelity_shuffled'] else 'NO'}")
+    for claims in ("", "_recoverable"):
+        low = m.get(f"caption_fidelity{claims}_minus_shuffled_ci_low")
+        if low is not None:
+            out.append(f"caption fidelity{claims.replace('_', ' on ')} above shuffled, paired 95 % interval "
+                       f"excluding 0: {'yes' if low > 0 else 'NO'}")
     ratio = m["t2t_perplexity"] / m["t2t_perplexity_base"]
     out.append(f"T2T perplexity {ratio:.2f}x base: {'yes' if ratio <= 1.10 else 'NO'} (<= 1.10)")
     return out
+
+
+CURVE = ("caption_fidelity", "caption_fidelity_shuffled", "caption_fidelity_minus_shuffled_ci_low",
+         "caption_fidelity_recoverable", "caption_fidelity_recoverable_shuffled",
+         "caption_fidelity_recoverable_minus_shuffled_ci_low", "f2f_accuracy", "t2t_perplexity")
+
+
+def learning_curve(tracker, run_id: str) -> dict[str, dict[int, float]]:
+    """{figure: {step: value}} of every validation of the run (the align.eval_every cadence), from its MLflow
+    history."""
+    client = tracker.client
+    return {key: {m.step + 1: m.value for m in client.get_metric_history(run_id, f"val/{key}")} for key in CURVE}
+
+
+def print_curve(name: str, curve: dict) -> None:
+    steps = sorted({int(s) for values in curve.values() for s in values})
+    if len(steps) < 2:
+        return
+    present = [k for k in CURVE if curve.get(k)]
+    print(f"\n{name}: learning curve (val)\n{'step':>6}" + "".join(f"{k.replace('caption_fidelity', 'fid'):>34}"
+                                                                     for k in present))
+    for step in steps:
+        print(f"{step:>6}" + "".join(f"{curve[k].get(str(step), curve[k].get(step, float('nan'))):>34.3f}"
+                                     for k in present))
 
 
 def main() -> None:
@@ -52,9 +88,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/llm_quality.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runs", nargs="*", choices=["tokens", "features", "domain0"], default=["tokens"])
+    parser.add_argument("--recoverable", type=Path, default=None,
+                        help="bench/caption_recoverability.py's JSON for this corpus: its claims are scored apart "
+                             "(align.eval.claims)")
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.overrides)
+    if args.recoverable is not None:
+        cfg.align.eval.claims = json.loads(args.recoverable.read_text())["recoverable"]
     workdir = Path(cfg.workdir)
     tracker = tracker_for(cfg, workdir)
     corpus = workdir / "corpus"
@@ -80,8 +121,11 @@ def main() -> None:
                 run_cfg.align.input_mode = "features"
             result = run_llm_align(run_cfg, corpus, tokenizer(name != "domain0"), out, tracker)
             print(f"{name}: {json.dumps(result.summary)}  (MLflow run {result.run_id})", flush=True)
+            (out / "curve.json").write_text(json.dumps(learning_curve(tracker, result.run_id), indent=1))
         if (out / "metrics.json").is_file():
             results[name] = json.loads((out / "metrics.json").read_text())
+        if (out / "curve.json").is_file():
+            print_curve(name, json.loads((out / "curve.json").read_text()))
     if not results:
         raise SystemExit(f"no finished run in {workdir}: run with --runs tokens features domain0")
 

@@ -188,10 +188,17 @@ def main() -> None:
     parser.add_argument("--prompt", default="Describe this scan.")
     parser.add_argument("--full-vocabulary", action="store_true",
                         help="every SmolLM2 row in the model (about 15x slower a step); default: the compact one")
+    parser.add_argument("--blank-codes", action="store_true",
+                        help="every brain code replaced by code 0 (train and val): only the connectivity tokens carry "
+                             "the scan, so the model cannot tell train scans apart by their codes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     cpu0 = time.process_time()
+
+    def blank(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return batch | {"codes": torch.zeros_like(batch["codes"])} if args.blank_codes else batch
+
     brain_tokenizer = load_brain_tokenizer(args.tokenizer)
     connectivity = fit_on_corpus(args.corpus, args.bins)
     captions = read_captions(args.corpus, "train") | read_captions(args.corpus, "val")
@@ -206,6 +213,9 @@ def main() -> None:
     val = AlignBatches(args.corpus, "val", brain_tokenizer, suffix, None, batch_size=args.batch, features=False,
                        seed=args.seed, connectivity=full_connectivity)
     keys = val.scans.keys[: args.val_scans]
+    if args.blank_codes:
+        scans_of = val.scans_of
+        val.scans_of = lambda k: blank(scans_of(k))
     constant = constant_claims([train.scans.caption_of[k] for k in train.scans.keys])
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.layers} layers x {args.hidden}, {n_params / 1e6:.1f} M parameters, vocabulary "
@@ -241,7 +251,7 @@ def main() -> None:
 
     model.train()
     while step < args.steps and time.process_time() - train_cpu0 - eval_cpu < args.minutes * 60:
-        batch = train.batch(step)
+        batch = blank(train.batch(step))
         batch = compact.batch(batch) if compact is not None else batch
         losses = model(batch)
         optimizer.zero_grad(set_to_none=True)

@@ -62,15 +62,20 @@ def split_subjects(corpus: str | Path, *splits: str) -> set[str]:
     return {subject_of(d, s) for d, s in zip(ok["dataset"], ok["subject"])}
 
 
-def subjects_of_keys(corpus: str | Path, keys) -> set[str]:
-    """The subjects of the given scan keys (e.g. the N scans of a few-shot fine-tuning)."""
+def subject_per_key(corpus: str | Path, keys) -> list[str]:
+    """The subject (`<dataset>-<pseudonym>`) of each scan key, in order (e.g. the groups of a bootstrap)."""
     ok = _usable(corpus).set_index("key")
     keys = list(keys)
     missing = [k for k in keys if k not in ok.index]
     if missing:
         raise InputError(f"{corpus}: no usable scan with key {missing[0]!r}")
     rows = ok.loc[keys]
-    return {subject_of(d, s) for d, s in zip(rows["dataset"], rows["subject"])}
+    return [subject_of(d, s) for d, s in zip(rows["dataset"], rows["subject"])]
+
+
+def subjects_of_keys(corpus: str | Path, keys) -> set[str]:
+    """The subjects of the given scan keys (e.g. the N scans of a few-shot fine-tuning)."""
+    return set(subject_per_key(corpus, keys))
 
 
 def stage_lineage(stage: str, corpus: str | Path, parent: dict | None, keys=None) -> dict:

@@ -42,6 +42,9 @@ class AlignEval(StrictModel):
     scans: int = Field(64, ge=1, description="val scans for F2F accuracy and its baselines")
     caption_scans: int = Field(16, ge=2, description="val scans whose caption is generated (caption fidelity)")
     max_new_tokens: int = Field(160, ge=1)
+    claims: list[str] | None = Field(
+        None, description="caption claim names also scored on their own (`caption_fidelity_recoverable`, ...): e.g. "
+                          "the `recoverable` list of bench/caption_recoverability.py; None = only all claims")
     t2t_docs: int = Field(16, ge=1, description="held-out documents of the text corpus for T2T perplexity")
 
 

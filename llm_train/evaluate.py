@@ -7,7 +7,9 @@ controls, T2T perplexity before and after).
   claim reader (`corpus_builder.captions.caption_claims`); fidelity = the share of the true caption's claims the
   generated one makes. Controls: *shuffled scans* (the caption generated from another val scan, scored against this
   scan's claims: what the model says without reading this scan) and *constant* (for every claim, the value most
-  common in the train captions).
+  common in the train captions). With the scans' subjects, the paired difference from the shuffled control gets a
+  95 % bootstrap interval over subjects (`llm_train.metrics.paired_mean_difference`); with `eval.claims`, the same
+  figures again on those claims alone (`caption_fidelity_recoverable`, ...).
 - T2T perplexity on held-out documents of the text corpus: over the text rows of the vocabulary only (at step 0 this
   is exactly the base model's, since new rows do not change the text logits) and over the whole extended vocabulary.
 """
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from corpus_builder.captions import caption_claims
+from llm_train.metrics import paired_mean_difference
 from llm_train.model import AlignModel
 
 
@@ -100,11 +103,11 @@ def constant_claims(train_captions: list[str]) -> set[tuple[str, str]]:
     return {(name, counter.most_common(1)[0][0]) for name, counter in votes.items()}
 
 
-def caption_fidelity(generated: list[str], true: list[str], constant: set[tuple[str, str]],
-                     seed: int = 0, claims: Collection[str] | None = None) -> dict[str, float]:
-    """Share of each true caption's claims that the generated caption makes, averaged over scans; beside it the
-    shuffled-scan control (another scan's generated caption) and the constant caption. `claims`: score only the
-    true claims of these names (e.g. the recoverable ones of `bench/caption_recoverability.py`); None = all."""
+def caption_shares(generated: list[str], true: list[str], constant: set[tuple[str, str]], seed: int = 0,
+                   claims: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """Per val scan, the share of its true caption's claims made by: its generated caption (`model`), another scan's
+    generated caption (`shuffled`, a fixed derangement from `seed`), the constant caption (`constant`); NaN for a
+    scan whose caption makes none of `claims` (None = all). `claims_said`: claims per generated caption."""
     truth = [caption_claims(t) for t in true]
     if claims is not None:
         names = set(claims)
@@ -117,12 +120,32 @@ def caption_fidelity(generated: list[str], true: list[str], constant: set[tuple[
     def share(claims: set, target: set) -> float:
         return len(claims & target) / len(target) if target else float("nan")
 
+    return {"model": np.array([share(s, t) for s, t in zip(said, truth)]),
+            "shuffled": np.array([share(said[other[i]], truth[i]) for i in range(n)]),
+            "constant": np.array([share(constant, t) for t in truth]),
+            "claims_said": np.array([len(s) for s in said], float)}
+
+
+def caption_fidelity(generated: list[str], true: list[str], constant: set[tuple[str, str]],
+                     seed: int = 0, claims: Collection[str] | None = None, groups=None) -> dict[str, float]:
+    """Share of each true caption's claims that the generated caption makes, averaged over scans; beside it the
+    shuffled-scan control (another scan's generated caption) and the constant caption. `claims`: score only the
+    true claims of these names (e.g. the recoverable ones of `bench/caption_recoverability.py`); None = all.
+    `groups` (the subject of each scan): adds the paired difference from the shuffled control and its 95 % bootstrap
+    interval over subjects (`caption_fidelity_minus_shuffled`, `_ci_low`, `_ci_high`)."""
+    shares = caption_shares(generated, true, constant, seed, claims)
     with warnings.catch_warnings():  # no caption with a claim: NaN, not a warning per call
         warnings.simplefilter("ignore", RuntimeWarning)
-        return {"caption_fidelity": float(np.nanmean([share(s, t) for s, t in zip(said, truth)])),
-                "caption_fidelity_shuffled": float(np.nanmean([share(said[other[i]], truth[i]) for i in range(n)])),
-                "caption_fidelity_constant": float(np.nanmean([share(constant, t) for t in truth])),
-                "caption_claims_per_caption": float(np.mean([len(s) for s in said]))}
+        out = {"caption_fidelity": float(np.nanmean(shares["model"])),
+               "caption_fidelity_shuffled": float(np.nanmean(shares["shuffled"])),
+               "caption_fidelity_constant": float(np.nanmean(shares["constant"])),
+               "caption_claims_per_caption": float(np.mean(shares["claims_said"]))}
+    if groups is not None:
+        paired = paired_mean_difference(shares["model"], shares["shuffled"], groups, seed)
+        low, high = paired["ci"] or (float("nan"), float("nan"))
+        out |= {"caption_fidelity_minus_shuffled": paired["diff"], "caption_fidelity_minus_shuffled_ci_low": low,
+                "caption_fidelity_minus_shuffled_ci_high": high}
+    return out
 
 
 @torch.no_grad()

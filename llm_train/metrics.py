@@ -282,6 +282,20 @@ def paired_difference(kind: str, y, pred_model, pred_baseline, groups, seed: int
             for j, m in enumerate(COMPARED[kind])}
 
 
+def paired_mean_difference(a, b, groups, seed: int = 0, n_resamples: int = N_RESAMPLES) -> dict:
+    """{"diff": mean over scans of a - b, "ci": its 95 % bootstrap interval over the subjects `groups` (or None),
+    "n": scans}: a per-scan figure against its control on the same scans (e.g. caption fidelity minus the
+    shuffled-scan control). Scans where either is NaN are left out."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    keep = np.isfinite(d)
+    d, g = d[keep], np.asarray(groups)[keep]
+    if not len(d):
+        return {"diff": float("nan"), "ci": None, "n": 0}
+    result = _bootstrap("regression", d, lambda i: np.array([d[i].mean()]), g, seed, n_resamples)
+    point = float(d.mean())
+    return {"diff": point, "ci": _interval(result, 0, point)[0], "n": int(len(d))}
+
+
 def roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false-positive rates, true-positive rates) of the ROC curve of log-odds `s`, from (0, 0), one point per
     distinct score (scikit-learn's `roc_curve` without dropping collinear points; computed here because the band

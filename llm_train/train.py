@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from corpus_builder.lineage import stage_lineage
+from corpus_builder.lineage import stage_lineage, subject_per_key
 from fmrilm_core.checkpoint import config_fingerprint, load_checkpoint, resume_point, save_checkpoint
 from fmrilm_core.engine import build_engine, deepspeed_config, from_rank0, init_distributed, lr_lambda
 from fmrilm_core.errors import InputError
@@ -157,7 +157,7 @@ def train(cfg: LLMAlignConfig, inputs: AlignInputs, runtime: Runtime) -> dict:
                               subjects=cfg.train_subjects, connectivity=connectivity)
     val_data = AlignBatches(corpus, "val", brain_tokenizer, suffix, None, batch_size=cfg.batch_size,
                             features=features, seed=cfg.seed, connectivity=connectivity)
-    reference = ValidationSet(cfg, train_data, val_data, tokenizer, heldout, n_text)
+    reference = ValidationSet(cfg, train_data, val_data, tokenizer, heldout, n_text, corpus)
 
     torch.manual_seed(cfg.seed)
     engine, state = engine_from(model, cfg, ds_config, latest)
@@ -218,7 +218,7 @@ class ValidationSet:
     """The fixed val material (encoded once) and what validation computes from it (`evaluate.py`)."""
 
     def __init__(self, cfg: LLMAlignConfig, train: AlignBatches, val: AlignBatches, tokenizer, heldout: list[str],
-                 n_text: int):
+                 n_text: int, corpus: Path):
         self.cfg, self.tokenizer, self.heldout, self.n_text = cfg, tokenizer, heldout, n_text
         keys = val.scans.keys[: cfg.eval.scans]
         b = cfg.batch_size
@@ -229,6 +229,10 @@ class ValidationSet:
         self.constant = constant_claims([train.scans.caption_of[k] for k in train.scans.keys])
         self.caption_keys = val.scans.keys[: cfg.eval.caption_scans]
         self.captions = [val.scans.caption_of[k] for k in self.caption_keys]
+        self.subjects = subject_per_key(corpus, self.caption_keys)  # the bootstrap's groups
+        unknown = sorted(set(cfg.eval.claims or ()) - {name for name, _ in self.constant})
+        if unknown:
+            raise InputError(f"align.eval.claims: {', '.join(unknown)} is no claim of {corpus}'s train captions")
         self.caption_batches = [val.scans_of(self.caption_keys[i:i + 4]) for i in range(0, len(self.caption_keys), 4)]
         self.prompt_ids = tokenizer(cfg.prompt + "\n", add_special_tokens=False)["input_ids"]
 
@@ -247,7 +251,11 @@ class ValidationSet:
             for ids in generate(model, batch, self.prompt_ids, self.cfg.eval.max_new_tokens,
                                 self.tokenizer.eos_token_id):
                 generated.append(self.tokenizer.decode(ids, skip_special_tokens=True))
-        out |= caption_fidelity(generated, self.captions, self.constant, self.cfg.seed)
+        out |= caption_fidelity(generated, self.captions, self.constant, self.cfg.seed, groups=self.subjects)
+        if self.cfg.eval.claims is not None:
+            out |= {k.replace("caption_fidelity", "caption_fidelity_recoverable"): v for k, v in caption_fidelity(
+                generated, self.captions, self.constant, self.cfg.seed, self.cfg.eval.claims, self.subjects).items()
+                if k.startswith("caption_fidelity")}
         out |= self.perplexity(model, device)
         self.last_generated = generated
         model.train(was_training)

@@ -328,3 +328,23 @@ def test_question_phrasings_vary_with_seed():
     asked = {i["turns"][0]["content"] for s in range(30)
              for i in instruction_items({"sex": "F"}, "", seed=s, cfg=InstructionConfig()) if i["type"] == "qa"}
     assert len(asked) >= 3
+
+
+def test_caption_fidelity_against_its_controls_with_a_paired_interval():
+    from llm_train.evaluate import caption_fidelity
+
+    captions = []
+    for seed in range(12):
+        z, pair_z = _inputs(seed)
+        captions.append(caption_for(z, pair_z, {}, CFG, seed=seed))
+    subjects = [f"s{i}" for i in range(12)]
+    read = caption_fidelity(captions, captions, set(), groups=subjects)  # a model that writes each scan's own
+    assert read["caption_fidelity"] == 1.0 and read["caption_fidelity_shuffled"] < 0.8
+    assert read["caption_fidelity_minus_shuffled"] == pytest.approx(1.0 - read["caption_fidelity_shuffled"])
+    assert read["caption_fidelity_minus_shuffled_ci_low"] > 0
+    typical = caption_fidelity([captions[0]] * 12, captions, set(), groups=subjects)  # the same caption for all
+    assert typical["caption_fidelity_minus_shuffled"] == 0.0
+    assert typical["caption_fidelity_minus_shuffled_ci_low"] == typical["caption_fidelity_minus_shuffled_ci_high"] == 0
+    only = caption_fidelity(captions, [captions[0]] * 12, set(), claims=["most_coupled_pair"])
+    assert only["caption_fidelity"] == 1.0  # every caption names the same most coupled pair (planted in _inputs)
+    assert "caption_fidelity_minus_shuffled" not in only

@@ -135,11 +135,15 @@ def test_align_trains_measures_and_saves_a_stock_loadable_model(stage1, llm_dir,
     corpus, tok_dir = stage1
     # F2F alone decides the first assertion: without connectivity tokens the F2T gradient does not move the margin
     # over copying (252 targets, a few tokens either way); the default path is tested in test_connectivity
-    cfg = align_cfg(llm_dir, steps=100, eval_every=100, checkpoint_every=100, connectivity_bins=0)
+    cfg = align_cfg(llm_dir, steps=100, eval_every=100, checkpoint_every=100, connectivity_bins=0,
+                    eval={"scans": 8, "caption_scans": 4, "max_new_tokens": 8, "t2t_docs": 4,
+                          "claims": ["most_coupled_pair", "fc_within_Vis"]})
     out = tmp_path / "llm"
     metrics = train(cfg, AlignInputs(corpus, tok_dir, out), LocalRuntime(out / "checkpoints"))
     for key in ("f2f_accuracy", "f2f_copy_baseline", "f2f_frequent_baseline", "caption_fidelity",
-                "caption_fidelity_shuffled", "caption_fidelity_constant", "t2t_perplexity", "t2t_perplexity_base"):
+                "caption_fidelity_shuffled", "caption_fidelity_constant", "t2t_perplexity", "t2t_perplexity_base",
+                "caption_fidelity_minus_shuffled_ci_low", "caption_fidelity_recoverable",
+                "caption_fidelity_recoverable_shuffled", "caption_fidelity_recoverable_minus_shuffled_ci_high"):
         assert f"val/{key}" in metrics, key
     assert metrics["val/f2f_accuracy"] > metrics["val/f2f_copy_baseline"]
     meta = json.loads((out / "brain.json").read_text())
@@ -240,11 +244,14 @@ def test_bad_inputs_fail_in_one_line_before_training(stage1, llm_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
-    cases = [(wide, "embedding width 32.*llm_dim 16"), (short, "beyond the backbone's context of 64"),
-             (empty, "has no weights")]
-    for base, message in cases:
+    cases = [(wide, "embedding width 32.*llm_dim 16", {}), (short, "beyond the backbone's context of 64", {}),
+             (empty, "has no weights", {}),
+             (llm_dir, "align.eval.claims: fc_within_Nowhere is no claim of",
+              {"eval": {"caption_scans": 4, "claims": ["fc_within_Nowhere", "most_coupled_pair"]}})]
+    for base, message, extra in cases:
         with pytest.raises(InputError, match=message) as err:
-            train(align_cfg(base), AlignInputs(corpus, tok_dir, tmp_path / "x"), LocalRuntime(tmp_path / "x" / "c"))
+            train(align_cfg(base, **extra), AlignInputs(corpus, tok_dir, tmp_path / "x"),
+                  LocalRuntime(tmp_path / "x" / "c"))
         assert "\n" not in str(err.value)
     assert not (tmp_path / "x" / "c").exists()  # no step ran, no checkpoint
 

@@ -245,3 +245,18 @@ def test_roc_band_brackets_the_curve_of_the_test_split():
     curve = np.interp(grid, f, t)
     assert np.all(lo <= hi) and np.mean((lo <= curve + 1e-12) & (curve <= hi + 1e-12)) > 0.95
     assert lo[-1] == hi[-1] == 1.0 and np.all(hi - lo < 0.6)
+
+
+def test_paired_mean_difference_resamples_subjects_not_scans():
+    # two subjects of ten scans each: one whose figure beats its control by 1 on every scan, one where they tie.
+    # Resampled by scan the interval would hug 0.5; by subject, a draw of the same subject twice gives 0 or 1
+    a = np.array([1.0] * 10 + [0.0] * 10)
+    b = np.zeros(20)
+    groups = ["s1"] * 10 + ["s2"] * 10
+    out = M.paired_mean_difference(a, b, groups, seed=0, n_resamples=500)
+    assert out["diff"] == pytest.approx(0.5) and out["n"] == 20
+    assert out["ci"] == [0.0, 1.0]
+    # a constant gap is certain; NaN scans (a caption without the scored claims) are left out
+    shifted = M.paired_mean_difference(np.r_[b + 0.2, np.nan], np.r_[b, 0.0], groups + ["s3"], n_resamples=200)
+    assert shifted["diff"] == pytest.approx(0.2) and shifted["n"] == 20
+    assert shifted["ci"] == pytest.approx([0.2, 0.2])
