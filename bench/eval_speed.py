@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from evaluation.tasks import TASKS
 from fmrilm_core.llm import load_causal_lm, load_tokenizer
 from llm_train.connectivity import ConnectivityTokens, network_pairs
 from llm_train.model import AlignModel
@@ -42,7 +43,6 @@ from llm_train.scoring import (
     shot_prefix,
     shot_text,
 )
-from llm_train.tasks import TASKS
 from llm_train.vocabulary import add_brain_tokens
 
 STEPS, ROIS, NETWORKS, CODEBOOK, LEVELS = 5, 32, 8, 512, 4

@@ -5,7 +5,7 @@
 
 Stage 3 in `tokens` mode sees a scan only as its W x N codes (stage 2's `features` mode as the continuous features
 before quantisation). On the test split of the corpus, with the same linear models and the same train-split CV as
-`fmrilm eval`'s baselines (`llm_train.baselines.fit_predict`), this scores, per task:
+`fmrilm eval`'s baselines (`evaluation.baselines.fit_predict`), this scores, per task:
 
   fc_baseline        Fisher-z FC of the ROI series (what `fmrilm eval` reports beside the model)
   connectivity_tokens  stage 2/3's connectivity tokens (`llm_train.connectivity`, levels fitted on the train split),
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from corpus_builder.readers import open_zarr, read_phenotypes
-from llm_train.baselines import fc_features, fit_predict, probe_features
+from evaluation.baselines import fc_features, fit_predict, probe_features
+from evaluation.metrics import classification_figures, regression_figures
+from evaluation.tasks import select_tasks
 from llm_train.connectivity import fit_on_corpus
-from llm_train.metrics import classification_figures, regression_figures
-from llm_train.tasks import select_tasks
 from llm_train.train import load_brain_tokenizer
 
 

@@ -56,7 +56,7 @@ def headline(metrics: dict) -> dict[str, dict[str, float]]:
 
 def ablation_table(summary: dict) -> str:
     """The terminal table: one line per task x protocol, one column per variant (`main` first)."""
-    from llm_train.report import ablation_rows
+    from evaluation.report import ablation_rows
 
     lines = [f"{'task':<20}{'protocol':<18}{'metric':<7}" + "".join(f"{n[:18]:>20}" for n in summary)]
     for task, protocol, metric, values in ablation_rows(summary):
@@ -94,7 +94,7 @@ def run_ablations(cfg: PipelineConfig, workdir: Path, corpus: Path, main: dict[s
 
 def _add_to_report(eval_dir: Path, summary: dict) -> None:
     """Re-render the main eval report with the ablation table (from the files the eval stage wrote)."""
-    from llm_train.report import write_report
+    from evaluation.report import write_report
 
     info = json.loads((eval_dir / "eval.json").read_text())
     write_report(eval_dir / "report.html", json.loads((eval_dir / "metrics.json").read_text()),

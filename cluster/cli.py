@@ -329,7 +329,7 @@ def eval_cmd(
     bootstrap interval over test subjects. The corpus must be the one the model was trained on (checked against the
     model's lineage) unless --external. Options left out come from the config's `eval` section."""
     from cluster.pipeline import run_eval, tracker_for
-    from llm_train.task_eval import metrics_table
+    from evaluation.task_eval import metrics_table
 
     given = {"tasks": tasks, "shots": shots, "train_n": train_n}
     overrides = [f"eval.{key}=[{value}]" for key, value in given.items() if value is not None]
@@ -375,7 +375,7 @@ def _echo_evaluation(result) -> None:
     import json
 
     from cluster.ablations import ablation_table
-    from llm_train.task_eval import metrics_table
+    from evaluation.task_eval import metrics_table
 
     names = {stage.name for stage in result.stages}
     metrics, ablations = result.workdir / "eval" / "metrics.json", result.workdir / "ablations.json"

@@ -14,9 +14,10 @@ import yaml
 from pydantic import Field, ValidationError
 
 from corpus_builder.config import CorpusConfig, SynthConfig
+from evaluation.config import EvalConfig
 from fmrilm_core.config import StrictModel
 from fmrilm_core.errors import InputError
-from llm_train.config import EvalConfig, InstructConfig, LLMAlignConfig
+from llm_train.config import InstructConfig, LLMAlignConfig
 from tokenizer_train.config import TokenizerTrainConfig
 
 

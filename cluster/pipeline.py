@@ -212,7 +212,7 @@ def run_eval(cfg: PipelineConfig, model: Path, corpus: Path, out: Path, tracker:
     (metrics.json, predictions.json, eval.json, report.html) inside an MLflow run with the figures as metrics
     `<task>/<protocol>/<metric>` (also the summary) and the files as artifacts."""
     from cluster.launch import step_reporter
-    from llm_train.task_eval import evaluate_tasks
+    from evaluation.task_eval import evaluate_tasks
 
     ev = cfg.eval
     tune = cfg.instruct

@@ -13,12 +13,6 @@
     scoring.py     how a folder answers: option log-likelihoods on a KV-cached prompt, constrained number decoding,
                    expected values
     ask.py         `fmrilm ask`: one scan, one question
-    tasks.py       the paper's evaluation tasks from a corpus's phenotypes
-    protocols.py   zero-shot, k-shot, train_n and tuned: examples, their order, fine-tunings keyed by their inputs
-    baselines.py   the FC baseline and the stage-1 probe on the same scans
-    metrics.py     figures from log-odds or values, bootstrap intervals over subjects, paired differences
-    task_eval.py   `fmrilm eval`: lineage check, every task and protocol, metrics.json / eval.json
-    report.py      report.html: the summary table with intervals, per-task detail, ROC bands
     zero3.py       DeepSpeed ZeRO-3 around the backbone (stages 2 and 3): live config, peft and LoRA merges on
                    partitioned weights
 

@@ -8,7 +8,7 @@ controls, T2T perplexity before and after).
   generated one makes. Controls: *shuffled scans* (the caption generated from another val scan, scored against this
   scan's claims: what the model says without reading this scan) and *constant* (for every claim, the value most
   common in the train captions). With the scans' subjects, the paired difference from the shuffled control gets a
-  95 % bootstrap interval over subjects (`llm_train.metrics.paired_mean_difference`); with `eval.claims`, the same
+  95 % bootstrap interval over subjects (`fmrilm_core.bootstrap`); with `eval.claims`, the same
   figures again on those claims alone (`caption_fidelity_recoverable`, ...).
 - T2T perplexity on held-out documents of the text corpus: over the text rows of the vocabulary only (at step 0 this
   is exactly the base model's, since new rows do not change the text logits) and over the whole extended vocabulary.
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from corpus_builder.captions import caption_claims
-from llm_train.metrics import paired_mean_difference
+from fmrilm_core.bootstrap import paired_mean_difference
 from llm_train.model import AlignModel
 
 

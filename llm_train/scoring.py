@@ -11,7 +11,7 @@ answer, not the prefix of a longer one; over the whole vocabulary. `option_score
 mean per token, in float64; a two-option classifier's score is the log-odds `log_odds(scores)`, which keeps the
 ranking of scans that a float64 softmax would round to exactly 0 or 1 (ties in the AUC). The options'
 probabilities (`option_probabilities`, `fmrilm ask`) are the softmax of the sums. The figures of those scores are
-`llm_train.metrics`'.
+`evaluation.metrics`'.
 
 Regression: constrained numeric decoding. The first token must be numeric (digits, a point, optionally a leading
 space); after it the model continues with the best numeric token, or stops where a non-numeric token (eos, " years")

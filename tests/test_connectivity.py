@@ -114,9 +114,9 @@ def test_a_network_pair_without_fc_is_an_error_naming_the_scan_never_level_0():
 
 
 def test_stage2_adds_the_tokens_from_their_phrases_saves_them_and_the_model_reads_them(stage1, llm_dir, tmp_path):
+    from evaluation.task_eval import ScanCache
     from llm_train.export import load_aligned
     from llm_train.scoring import option_loglik, question_ids
-    from llm_train.task_eval import ScanCache
     from llm_train.train import AlignInputs, build_model, train
     from tokenizer_train.model import BrainTokenizer
 

@@ -63,7 +63,7 @@ def test_read_instructions_and_phenotypes_per_split(corpus):
 
 
 def test_tasks_from_phenotypes_and_skipped_with_a_reason(corpus):
-    from llm_train.tasks import TASKS, select_tasks
+    from evaluation.tasks import TASKS, select_tasks
 
     train, test = read_phenotypes(corpus, "train"), read_phenotypes(corpus, "test")
     run, skipped = select_tasks(None, train, test)
@@ -150,8 +150,8 @@ def test_a_zero_shot_sequence_is_stage_twos_scan_sequence(corpus, model_dir, mod
 
 
 def test_numbers_parse_and_a_miss_takes_the_declared_fallback_on_the_same_scans_as_the_baselines():
-    from llm_train.metrics import regression_figures
-    from llm_train.protocols import with_fallback
+    from evaluation.metrics import regression_figures
+    from evaluation.protocols import with_fallback
     from llm_train.scoring import parse_number
 
     assert parse_number("63") == 63 and parse_number(" 7.5") == 7.5
@@ -168,7 +168,7 @@ def test_numbers_parse_and_a_miss_takes_the_declared_fallback_on_the_same_scans_
 
 def test_fc_features_are_fisher_z_of_the_upper_triangle(corpus):
     from corpus_builder.readers import open_zarr
-    from llm_train.baselines import fc_features
+    from evaluation.baselines import fc_features
 
     keys = split_keys(corpus, "train")[:2]
     x = open_zarr(corpus).batch(keys)
@@ -179,7 +179,7 @@ def test_fc_features_are_fisher_z_of_the_upper_triangle(corpus):
 
 
 def test_linear_baseline_chooses_its_regularisation_on_train_folds_grouped_by_subject():
-    from llm_train.baselines import fit_predict
+    from evaluation.baselines import fit_predict
 
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(30), 2)  # two scans per subject
@@ -199,7 +199,7 @@ def test_linear_baseline_chooses_its_regularisation_on_train_folds_grouped_by_su
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, corpus, model_dir):
-    from llm_train.task_eval import evaluate_tasks
+    from evaluation.task_eval import evaluate_tasks
 
     out = tmp_path_factory.mktemp("eval_out") / "E"
     metrics = evaluate_tasks(model_dir, corpus, out, shots=(0, 2), examples=2, max_new_tokens=4, device="cpu")
@@ -230,8 +230,8 @@ def test_metrics_hold_every_task_protocol_and_both_baselines(evaluated):
 
 
 def test_no_k_shot_prompt_holds_a_test_subject(evaluated, corpus):
-    from llm_train.task_eval import choose_shots
-    from llm_train.tasks import select_tasks
+    from evaluation.task_eval import choose_shots
+    from evaluation.tasks import select_tasks
 
     out, _ = evaluated
     info = json.loads((out / "eval.json").read_text())
@@ -438,8 +438,8 @@ def test_no_choices_are_read_from_a_question_that_names_none(question):
 
 
 def test_every_tasks_question_with_its_options_is_read_as_those_options():
+    from evaluation.tasks import TASKS
     from llm_train.ask import choices_in
-    from llm_train.tasks import TASKS
 
     for task in TASKS.values():
         assert choices_in(task.question) is None, task.name  # "Sex?" alone names no answer
@@ -476,10 +476,10 @@ def test_chat_format_labels_the_assistant_turns_only(model_dir):
 def test_instruct_trains_saves_a_stock_folder_and_eval_reads_it_in_chat_format(corpus, model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from evaluation.task_eval import evaluate_tasks
     from llm_train.config import InstructConfig
     from llm_train.instruct import InstructInputs
     from llm_train.instruct import train as train_instruct
-    from llm_train.task_eval import evaluate_tasks
 
     cfg = InstructConfig.model_validate({"steps": 4, "batch_size": 2, "checkpoint_every": 2, "eval_every": 4,
                                          "eval_items": 4, "max_tokens": 48, "exclude_attributes": ["sex"],
@@ -527,8 +527,8 @@ def test_instruct_trains_saves_a_stock_folder_and_eval_reads_it_in_chat_format(c
 
 
 def test_train_n_and_tuned_fine_tune_on_train_subjects_only(corpus, model_dir, tmp_path):
+    from evaluation.task_eval import evaluate_tasks
     from llm_train.config import InstructConfig
-    from llm_train.task_eval import evaluate_tasks
 
     cfg = InstructConfig.model_validate({"steps": 2, "batch_size": 2, "checkpoint_every": 2, "eval_every": 2,
                                          "eval_items": 2, "max_tokens": 32})
@@ -568,9 +568,9 @@ def test_eval_never_reports_another_models_fine_tuning_left_in_its_folder(corpus
     fine-tuning (or, with resume, refuses in one line) instead of scoring the stale one."""
     import shutil
 
+    from evaluation.task_eval import evaluate_tasks
     from fmrilm_core.lineage import folder_digest
     from llm_train.config import InstructConfig
-    from llm_train.task_eval import evaluate_tasks
 
     cfg = InstructConfig.model_validate({"steps": 2, "batch_size": 2, "checkpoint_every": 2, "eval_every": 2,
                                          "eval_items": 2, "max_tokens": 32})
@@ -602,7 +602,7 @@ def test_eval_refuses_the_corpus_rebuilt_with_another_seed_and_scores_an_externa
 
     from cluster.config import load_config
     from corpus_builder.build import build_corpus
-    from llm_train.task_eval import evaluate_tasks
+    from evaluation.task_eval import evaluate_tasks
 
     cfg = load_config(None, ["corpus.source.cleaning.length=32", f"corpus.source.atlas.n_rois={N_ROIS}",
                              "corpus.build.shard_size=8", "corpus.build.workers=2",

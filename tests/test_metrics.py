@@ -1,4 +1,4 @@
-"""The figures of `fmrilm eval` and their uncertainty (`llm_train.metrics`): the point figures against
+"""The figures of `fmrilm eval` and their uncertainty (`evaluation.metrics`): the point figures against
 scikit-learn / scipy on fixed data, the subject-level bootstrap intervals (they hold the point, narrow with more
 subjects, move a subject's scans together, never come out NaN), paired model-minus-FC differences, temperature
 scaling, and the intervals `add_intervals` writes into a metrics.json entry. Synthetic data only; no model."""
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from llm_train import metrics as M
+from evaluation import metrics as M
+from fmrilm_core.bootstrap import paired_mean_difference
 
 
 def _classification(n_subjects: int, seed: int, scans: int = 1, signal: float = 1.0):
@@ -253,10 +254,10 @@ def test_paired_mean_difference_resamples_subjects_not_scans():
     a = np.array([1.0] * 10 + [0.0] * 10)
     b = np.zeros(20)
     groups = ["s1"] * 10 + ["s2"] * 10
-    out = M.paired_mean_difference(a, b, groups, seed=0, n_resamples=500)
+    out = paired_mean_difference(a, b, groups, seed=0, n_resamples=500)
     assert out["diff"] == pytest.approx(0.5) and out["n"] == 20
     assert out["ci"] == [0.0, 1.0]
     # a constant gap is certain; NaN scans (a caption without the scored claims) are left out
-    shifted = M.paired_mean_difference(np.r_[b + 0.2, np.nan], np.r_[b, 0.0], groups + ["s3"], n_resamples=200)
+    shifted = paired_mean_difference(np.r_[b + 0.2, np.nan], np.r_[b, 0.0], groups + ["s3"], n_resamples=200)
     assert shifted["diff"] == pytest.approx(0.2) and shifted["n"] == 20
     assert shifted["ci"] == pytest.approx([0.2, 0.2])

@@ -1,7 +1,7 @@
 """What a reader of `fmrilm eval` sees of the intervals: report.html's summary table (parsed, its numbers equal
 metrics.json's to the printed precision), the per-task tables, the ROC bands and the temperature-scaled reliability,
 an older metrics.json without intervals still rendering, the terminal table and the MLflow metric names. Synthetic
-metrics.json-shaped entries built with `llm_train.metrics`; no model."""
+metrics.json-shaped entries built with `evaluation.metrics`; no model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from llm_train import metrics as M
+from evaluation import metrics as M
 
 RESAMPLES = 300  # fewer than the default 1000: the test checks what is printed, not the intervals' precision
 
@@ -102,7 +102,7 @@ def _numbers(text: str) -> list[str]:
 
 
 def test_the_summary_table_prints_metrics_json_figures_intervals_and_differences(built, tmp_path):
-    from llm_train.report import write_report
+    from evaluation.report import write_report
 
     metrics, predictions = built
     page = _page(write_report(tmp_path / "report.html", metrics, predictions, [], {}).read_text())
@@ -131,7 +131,7 @@ def test_the_summary_table_prints_metrics_json_figures_intervals_and_differences
 
 
 def test_task_tables_show_every_figure_with_its_interval_and_the_roc_bands_exist(built, tmp_path):
-    from llm_train.report import write_report
+    from evaluation.report import write_report
 
     metrics, predictions = built
     page = _page(write_report(tmp_path / "report.html", metrics, predictions, [], {}).read_text())
@@ -156,7 +156,7 @@ def test_task_tables_show_every_figure_with_its_interval_and_the_roc_bands_exist
 
 
 def test_an_older_metrics_json_without_intervals_still_renders(built, tmp_path):
-    from llm_train.report import write_report
+    from evaluation.report import write_report
 
     metrics, predictions = built
     old = {task: {k: ({m: v for m, v in f.items() if m not in ("ci", "ci_undefined", "vs_fc_baseline")}
@@ -173,7 +173,7 @@ def test_an_older_metrics_json_without_intervals_still_renders(built, tmp_path):
 
 
 def test_the_terminal_table_prints_intervals_and_the_difference_within_120_columns(built):
-    from llm_train.task_eval import metrics_table
+    from evaluation.task_eval import metrics_table
 
     metrics, _ = built
     table = metrics_table(metrics)

@@ -12,9 +12,9 @@ Writes (DESIGN 3.8):
                           task whether its attribute was in the tuning mix (read from the items the model was tuned
                           on), the in-context examples and fine-tuning sets with how many examples each saw
     OUT/fine_tuned/       the folders fine-tuned for `train_n_<n>` and `tuned`, keyed by their inputs
-    OUT/report.html       self-contained report (`llm_train.report`)
+    OUT/report.html       self-contained report (`evaluation.report`)
 
-Protocols (`llm_train.protocols`): `zero_shot` (no examples: for a stage-3 folder the multi-task figure of a task in
+Protocols (`evaluation.protocols`): `zero_shot` (no examples: for a stage-3 folder the multi-task figure of a task in
 its tuning mix, a true zero-shot one for a task left out of it), `k_shot_<k>` (k class-balanced examples from
 train subjects in context, in a seeded order per test scan), `train_n_<n>` (the paper's few-shot: the folder
 instruction-tuned on n class-balanced train subjects, then asked with no examples) and `tuned` (the same on every
@@ -45,12 +45,8 @@ import torch
 
 from corpus_builder.lineage import corpus_fingerprint, split_subjects
 from corpus_builder.readers import read_captions, read_phenotypes
-from fmrilm_core.errors import InputError
-from fmrilm_core.lineage import check_corpus, read_lineage
-from fmrilm_core.model_card import CARD, add_figures
-from llm_train.baselines import fc_features, fit_predict, probe_features
-from llm_train.export import check_atlas, load_aligned  # noqa: F401  (check_atlas: part of this module's API)
-from llm_train.metrics import (
+from evaluation.baselines import fc_features, fit_predict, probe_features
+from evaluation.metrics import (
     BASELINES,
     HEADLINE,
     add_intervals,
@@ -59,7 +55,7 @@ from llm_train.metrics import (
     protocols,
     regression_figures,
 )
-from llm_train.protocols import (  # noqa: F401  (ScanCache, choose_shots: part of this module's API)
+from evaluation.protocols import (  # noqa: F401  (ScanCache, choose_shots: part of this module's API)
     Asker,
     ScanCache,
     check_fine_tunings,
@@ -72,8 +68,12 @@ from llm_train.protocols import (  # noqa: F401  (ScanCache, choose_shots: part 
     value_grid,
     with_fallback,
 )
+from evaluation.tasks import TaskData, select_tasks
+from fmrilm_core.errors import InputError
+from fmrilm_core.lineage import check_corpus, read_lineage
+from fmrilm_core.model_card import CARD, add_figures
+from llm_train.export import check_atlas, load_aligned  # noqa: F401  (check_atlas: part of this module's API)
 from llm_train.scoring import check_context, question_ids
-from llm_train.tasks import TaskData, select_tasks
 
 MAX_VAL_SCANS = 64  # val scans scored to fit the temperature
 
@@ -317,7 +317,7 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
     (out / "eval.json").write_text(json.dumps(info | {"descriptions": descriptions}, indent=1,
                                               default=_json_default) + "\n")
     if report:
-        from llm_train.report import write_report
+        from evaluation.report import write_report
 
         write_report(out / "report.html", metrics, predictions, descriptions, info)
     if (model_dir / CARD).is_file() and not external:  # the card carries the figures of its own test split
@@ -385,7 +385,7 @@ def metrics_table(metrics: dict) -> str:
     (baselines included): the headline figure (AUC / MAE) and the second one (balanced accuracy / r) with their 95 %
     intervals where metrics.json has them, the headline's difference from the FC baseline with its paired interval,
     and the ECE (classification) or the misses (regression)."""
-    from llm_train.metrics import FC, HEADLINE, SECONDARY, protocols
+    from evaluation.metrics import FC, HEADLINE, SECONDARY, protocols
 
     short = {"balanced_accuracy": "bal_acc"}
 

@@ -29,6 +29,7 @@ import torch
 
 from corpus_builder.instructions import canonical_answers
 from corpus_builder.readers import open_zarr
+from evaluation.tasks import TaskData
 from fmrilm_core.errors import InputError
 from fmrilm_core.lineage import folder_digest
 from llm_train.data import encode_scans
@@ -43,7 +44,6 @@ from llm_train.scoring import (
     shot_prefix,
     shot_text,
 )
-from llm_train.tasks import TaskData
 
 FINE_TUNE_RECORD = "fine_tune.json"  # in a fine-tuning's folder: what it was made from (its key)
 

@@ -8,7 +8,7 @@ temperature scaling where the entry has it) per classification task, predicted a
 task; the skipped tasks with their reasons; generated descriptions of test scans next to their true captions.
 Figures by matplotlib (Agg).
 
-Reads, per task of metrics.json (`llm_train.metrics.add_intervals` writes the intervals): `<name>[figure]`,
+Reads, per task of metrics.json (`evaluation.metrics.add_intervals` writes the intervals): `<name>[figure]`,
 `<name>["ci"][figure] = [lo, hi]`, `<name>["vs_fc_baseline"][figure] = {"diff", "ci"}`, `<name>["ece_scaled"]`,
 `entry["temperature"]` (one T, or {protocol: T}) and `entry["bootstrap"]` (how the intervals were drawn); an entry
 without them (an older metrics.json) renders with the bare figures. From predictions.json, per task: "y", each
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit
 
-from llm_train.metrics import (
+from evaluation.metrics import (
     BASELINES,
     COMPARED,
     FC,

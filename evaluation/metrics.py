@@ -32,12 +32,11 @@ computes both figures on one gathered resample, so what varies is the difference
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
-
 import numpy as np
 from scipy import stats
 from scipy.special import expit
+
+from fmrilm_core.bootstrap import CONFIDENCE, METHOD, N_RESAMPLES, Subjects, bootstrap, group_subjects, interval
 
 CLASSIFICATION = ("accuracy", "balanced_accuracy", "auc", "f1", "ece")
 REGRESSION = ("mae", "r", "r2")
@@ -48,10 +47,6 @@ LOWER_IS_BETTER = ("mae", "ece")
 FC = "fc_baseline"
 BASELINES = ("fc_baseline", "tokenizer_probe")
 NOT_PROTOCOLS = ("bootstrap", "regularisation", "temperature", "fallback")  # dict-valued entry keys, no figures
-CONFIDENCE = 0.95
-N_RESAMPLES = 1000
-METHOD = "percentile"
-MIN_DEFINED = 0.5  # share of resamples a figure must be defined in to get an interval
 
 
 def figure_names(kind: str) -> tuple[str, ...]:
@@ -168,77 +163,17 @@ def regression_figures(y, values) -> dict[str, float]:
     return {"n": float(len(y))} | {k: float(x) for k, x in zip(REGRESSION, _regression_values(y, v))}
 
 
-# ---- the bootstrap over subjects ----------------------------------------------------------------------------
+# ---- the bootstrap over subjects (fmrilm_core.bootstrap) ---------------------------------------------------
 
-@dataclass
-class _Subjects:
-    """The test scans grouped by subject: `order` lists scan indices subject by subject; subject i's scans are
-    order[starts[i]: starts[i] + counts[i]]; `strata` are the subject indices resampled separately."""
-
-    order: np.ndarray
-    starts: np.ndarray
-    counts: np.ndarray
-    strata: list[np.ndarray]
-
-    def scans(self, subjects: np.ndarray) -> np.ndarray:
-        """The scan indices of the drawn subjects (a subject drawn twice brings its scans twice)."""
-        subjects = np.asarray(subjects, int)
-        lengths = self.counts[subjects]
-        first = np.repeat(self.starts[subjects] - (np.cumsum(lengths) - lengths), lengths)
-        return self.order[first + np.arange(int(lengths.sum()))]
-
-
-def _subjects(kind: str, y: np.ndarray, groups) -> _Subjects:
+def _subjects(kind: str, y: np.ndarray, groups) -> Subjects:
     groups = np.asarray(groups)
     if groups.shape != y.shape:
         raise ValueError(f"groups {groups.shape} must give the subject of each of the {len(y)} scans")
-    _, which = np.unique(groups, return_inverse=True)
-    order = np.argsort(which, kind="stable")
-    counts = np.bincount(which)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    ids = np.arange(len(counts))
-    if kind == "classification":  # stratum 1: any class-1 scan; so a draw from each stratum holds both classes
-        positive = np.bincount(which, weights=y) > 0
-        strata = [ids[~positive], ids[positive]]
-    else:
-        strata = [ids]
-    return _Subjects(order, starts, counts, [s for s in strata if len(s)])
+    return group_subjects(groups, y if kind == "classification" else None)
 
 
 def _bootstrap(kind: str, y: np.ndarray, statistic, groups, seed: int, n_resamples: int):
-    """scipy.stats.bootstrap of `statistic(scan indices) -> figures [m]` over the subjects (per stratum), or None
-    when fewer than two subjects of one stratum could vary."""
-    sub = _subjects(kind, y, groups)
-    varied = [s for s in sub.strata if len(s) >= 2]
-    fixed = np.concatenate([s for s in sub.strata if len(s) < 2] + [np.zeros(0, int)]).astype(int)
-    if not varied:
-        return None
-
-    def on_subjects(*drawn: np.ndarray) -> np.ndarray:
-        return statistic(sub.scans(np.concatenate([*(np.asarray(d, int) for d in drawn), fixed])))
-
-    with warnings.catch_warnings():  # undefined resamples are counted and handled by the caller, not warned about
-        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return stats.bootstrap(tuple(varied), on_subjects, n_resamples=n_resamples, vectorized=False, paired=False,
-                               confidence_level=CONFIDENCE, method=METHOD, rng=np.random.default_rng(seed))
-
-
-def _interval(result, j: int, point: float) -> tuple[list[float] | None, int]:
-    """(the percentile interval of figure j, the number of resamples where it is undefined) (see the module doc)."""
-    if result is None or not np.isfinite(point):
-        return None, 0 if result is None else int(result.bootstrap_distribution.shape[-1])
-    dist = np.atleast_2d(result.bootstrap_distribution)[j]
-    defined = np.isfinite(dist)
-    undefined = int((~defined).sum())
-    if undefined == 0:
-        lo, hi = np.atleast_1d(result.confidence_interval.low)[j], np.atleast_1d(result.confidence_interval.high)[j]
-        return [float(lo), float(hi)], 0
-    if defined.mean() < MIN_DEFINED:
-        return None, undefined
-    alpha = (1 - CONFIDENCE) / 2
-    lo, hi = np.percentile(dist[defined], [100 * alpha, 100 * (1 - alpha)])
-    return [float(lo), float(hi)], undefined
+    return bootstrap(statistic, _subjects(kind, y, groups), seed, n_resamples)
 
 
 def interval_details(kind: str, y, pred, groups, seed: int = 0,
@@ -250,7 +185,7 @@ def interval_details(kind: str, y, pred, groups, seed: int = 0,
     point = _values(kind, y, pred)
     ci, undefined = {}, {}
     for j, name in enumerate(names):
-        ci[name], missing = _interval(result, j, point[j])
+        ci[name], missing = interval(result, j, point[j])
         if missing:
             undefined[name] = missing
     return ci, undefined
@@ -278,22 +213,8 @@ def paired_difference(kind: str, y, pred_model, pred_baseline, groups, seed: int
 
     result = _bootstrap(kind, y, diff, groups, seed, n_resamples)
     point = diff(np.arange(len(y)))
-    return {m: {"diff": float(point[j]), "ci": _interval(result, j, point[j])[0]}
+    return {m: {"diff": float(point[j]), "ci": interval(result, j, point[j])[0]}
             for j, m in enumerate(COMPARED[kind])}
-
-
-def paired_mean_difference(a, b, groups, seed: int = 0, n_resamples: int = N_RESAMPLES) -> dict:
-    """{"diff": mean over scans of a - b, "ci": its 95 % bootstrap interval over the subjects `groups` (or None),
-    "n": scans}: a per-scan figure against its control on the same scans (e.g. caption fidelity minus the
-    shuffled-scan control). Scans where either is NaN are left out."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    keep = np.isfinite(d)
-    d, g = d[keep], np.asarray(groups)[keep]
-    if not len(d):
-        return {"diff": float("nan"), "ci": None, "n": 0}
-    result = _bootstrap("regression", d, lambda i: np.array([d[i].mean()]), g, seed, n_resamples)
-    point = float(d.mean())
-    return {"diff": point, "ci": _interval(result, 0, point)[0], "n": int(len(d))}
 
 
 def roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
