@@ -9,8 +9,9 @@
 - `lineage`: a saved model's `lineage.json` (the corpus each stage trained on, whom it saw) and the checks that
   keep a trained subject out of a test figure.
 - `model_card`: the `README.md` model card of every saved model folder (Hugging Face form).
+- `bootstrap`: the percentile bootstrap over subjects behind every interval.
 
-This package imports no stage (`corpus_builder`, `tokenizer_train`, `llm_train`, `cluster`); `cluster` supplies
+This package imports no stage (`corpus_builder`, `tokenizer_train`, `llm_train`, `evaluation`, `cluster`); `cluster` supplies
 the Ray Train runtime on top. Importing it is cheap: torch, DeepSpeed and transformers load only in the modules
 (`engine`, `checkpoint`) or functions (`llm`) that need them.
 """

@@ -19,7 +19,7 @@ from fmrilm_core.llm import resolve_llm
 from fmrilm_core.runtime import COMPLETE, LocalRuntime
 
 CORE = Path(__file__).parents[1] / "fmrilm_core"
-STAGES = {"corpus_builder", "tokenizer_train", "llm_train", "cluster"}
+STAGES = {"corpus_builder", "tokenizer_train", "llm_train", "evaluation", "cluster"}
 
 
 def test_core_imports_no_stage():
