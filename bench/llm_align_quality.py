@@ -7,10 +7,13 @@ without the domain-adversarial loss (`tokenizer.loss.domain: 0`).
 
 It synthesises the config's cohort and builds its corpus first (Ray), trains the stage-1 tokenizer(s) it needs,
 then each stage-2 run, all under the config's workdir and tracked in its MLflow store; finished steps are
-reused. Targets (on val): F2F accuracy above the copy and the most-frequent-code baselines; caption fidelity
-above the shuffled-scan control (reported beside the constant caption); T2T perplexity within 10 % of the base
-model's. `--runs` with no name prints the table of what the workdir holds. On the 2-core CPU SmolLM2 trains at
-about 90 tokens/s, about 6 s per step here (160 brain tokens + a caption + 64 text tokens).
+reused. Targets (on val): caption fidelity above the shuffled-scan control with a paired 95 % interval over subjects
+that excludes 0, on all claims and on the recoverable ones (`--recoverable`, from bench/caption_recoverability.py),
+reported beside the constant caption; T2T perplexity within 10 % of the base model's. F2F accuracy is printed beside
+its bounds (copy, most frequent code per ROI, per-ROI bigram), without a bar. A learning curve (every
+align.eval_every steps) follows the table. `--runs` with no name prints the table of what the workdir holds. On the
+2-core CPU SmolLM2 trains at about 90 tokens/s, about 6 s per step here (160 brain tokens + a caption + 64 text
+tokens).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ ROWS = [  # (label, key, its comparison)
     ("F2F accuracy", "f2f_accuracy", None),
     ("  copy baseline", "f2f_copy_baseline", None),
     ("  most frequent per ROI", "f2f_frequent_baseline", None),
+    ("  per-ROI bigram", "f2f_bigram_baseline", None),
     ("caption fidelity", "caption_fidelity", None),
     ("  shuffled scans", "caption_fidelity_shuffled", None),
     ("  constant caption", "caption_fidelity_constant", None),
@@ -45,10 +49,7 @@ ROWS = [  # (label, key, its comparison)
 
 
 def verdicts(m: dict) -> list[str]:
-    out = []
-    if "f2f_accuracy" in m:
-        ok = m["f2f_accuracy"] > max(m["f2f_copy_baseline"], m["f2f_frequent_baseline"])
-        out.append(f"F2F above both baselines: {'yes' if ok else 'NO'}")
+    out = []  # F2F accuracy is read against its bounds in the table, without a bar (see the stage-2 docs)
     for claims in ("", "_recoverable"):
         low = m.get(f"caption_fidelity{claims}_minus_shuffled_ci_low")
         if low is not None:

@@ -28,6 +28,7 @@ from llm_train.config import LLMAlignConfig
 from llm_train.connectivity import ConnectivityTokens, fit_on_corpus
 from llm_train.data import AlignBatches, CaptionSuffix, TextChunks, encode_scans, held_out_text
 from llm_train.evaluate import (
+    bigram_table,
     caption_fidelity,
     constant_claims,
     f2f_accuracy,
@@ -226,6 +227,7 @@ class ValidationSet:
         train_keys = train.scans.keys[:256]
         train_codes = torch.cat([train.scans_of(train_keys[i:i + 32])["codes"] for i in range(0, len(train_keys), 32)])
         self.frequent = most_frequent_codes(train_codes)
+        self.bigram = bigram_table(train_codes, train.brain_tokenizer.config.codebook_size)
         self.constant = constant_claims([train.scans.caption_of[k] for k in train.scans.keys])
         self.caption_keys = val.scans.keys[: cfg.eval.caption_scans]
         self.captions = [val.scans.caption_of[k] for k in self.caption_keys]
@@ -244,7 +246,7 @@ class ValidationSet:
         was_training = model.training
         model.eval()
         on = [{k: v.to(device) for k, v in batch.items()} for batch in self.batches]
-        out = f2f_accuracy(model, on, self.frequent.to(device)) if self.cfg.objectives.f2f > 0 else {}
+        out = f2f_accuracy(model, on, self.frequent.to(device), self.bigram) if self.cfg.objectives.f2f > 0 else {}
         generated = []
         for batch in self.caption_batches:
             batch = {k: v.to(device) for k, v in batch.items()}

@@ -140,7 +140,7 @@ def test_align_trains_measures_and_saves_a_stock_loadable_model(stage1, llm_dir,
                           "claims": ["most_coupled_pair", "fc_within_Vis"]})
     out = tmp_path / "llm"
     metrics = train(cfg, AlignInputs(corpus, tok_dir, out), LocalRuntime(out / "checkpoints"))
-    for key in ("f2f_accuracy", "f2f_copy_baseline", "f2f_frequent_baseline", "caption_fidelity",
+    for key in ("f2f_accuracy", "f2f_copy_baseline", "f2f_frequent_baseline", "f2f_bigram_baseline", "caption_fidelity",
                 "caption_fidelity_shuffled", "caption_fidelity_constant", "t2t_perplexity", "t2t_perplexity_base",
                 "caption_fidelity_minus_shuffled_ci_low", "caption_fidelity_recoverable",
                 "caption_fidelity_recoverable_shuffled", "caption_fidelity_recoverable_minus_shuffled_ci_high"):
@@ -313,3 +313,28 @@ def test_a_fully_tuned_gguf_backbone_saves_as_a_plain_folder(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
     for name, value in loaded.state_dict().items():
         torch.testing.assert_close(again.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_f2f_bigram_bound_is_the_per_roi_transition_counted_on_train():
+    from collections import Counter
+
+    from llm_train.evaluate import bigram_predict, bigram_table, most_frequent_codes
+
+    k = 6
+    train = torch.randint(0, k, (40, 5, 3), generator=torch.Generator().manual_seed(0))
+    train[:, :, 0] = torch.tensor([1, 2, 1, 2, 1])  # ROI 0 alternates: the bigram knows the next code exactly
+    val = torch.randint(0, k, (7, 5, 3), generator=torch.Generator().manual_seed(1))
+    val[:, :, 0] = torch.tensor([2, 1, 2, 1, 2])
+    val[0, 0, 1] = 5
+    train[:, :-1, 1][train[:, :-1, 1] == 5] = 4  # code 5 never precedes a step at ROI 1: the fallback applies
+    table, frequent = bigram_table(train, k), most_frequent_codes(train)
+    pred = bigram_predict(val, table, frequent, k).reshape(7, 4, 3)
+    assert (pred[:, :, 0] == val[:, 1:, 0]).all()
+    for roi in range(3):  # by hand: count every (code, next code) of the ROI, take the most common, ties low
+        seen = Counter((int(a), int(b)) for s in range(40) for a, b in zip(train[s, :-1, roi], train[s, 1:, roi]))
+        for s in range(7):
+            for w in range(4):
+                a = int(val[s, w, roi])
+                after = {b: n for (x, b), n in seen.items() if x == a}
+                want = min(after, key=lambda b: (-after[b], b)) if after else int(frequent[roi])
+                assert int(pred[s, w, roi]) == want, (roi, s, w)
