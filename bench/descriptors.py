@@ -26,7 +26,7 @@ from corpus_builder.descriptors import compute_descriptors
 from corpus_builder.descriptors.graph import threshold_graph
 from corpus_builder.descriptors.ica import falff
 from corpus_builder.norms import fit_reference
-from corpus_builder.synth import _bold_noise, group_fc, nearest_correlation
+from corpus_builder.synth_bold import _bold_noise, group_fc, nearest_correlation
 
 
 def synthetic_scans(n: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -4,7 +4,8 @@ Plan. Discovery and subject-level splits happen on the driver. Scans are ordered
 into shards of `shard_size` scans; shard i of the corpus owns zarr rows [i * shard_size, (i + 1) * shard_size)
 and tar `shards/{split}-{i:06d}.tar`, so no two tasks ever write the same zarr shard or tar.
 
-Three passes, each a Ray task per shard, so every scan is extracted once and described once:
+Three passes, each a Ray task per shard (`corpus_builder.shard_passes`), so every scan is extracted once and
+described once:
 1. extract: raw scan -> clean X[T, N] into zarr `ts` (failures recorded in a per-shard part file);
 2. describe: X -> the 23 descriptors and 28 pair values into zarr, once the driver has fitted the
    reference (group ICA, gradient template) on up to `reference.max_fit_scans` train scans of the
@@ -25,46 +26,40 @@ discovering sources or starting Ray (`finished_build`), in the time it takes to 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import ray
-import webdataset as wds
 import zarr
 
 from corpus_builder import sources
 from corpus_builder.atlas import roi_table
-from corpus_builder.captions import caption_for
 from corpus_builder.config import CorpusConfig
-from corpus_builder.descriptors import DESCRIPTOR_NAMES, PAIR_NAMES, Descriptors, compute_descriptors
-from corpus_builder.extraction import discover_all, failure_reason, pseudonymizer_for
-from corpus_builder.instructions import instruction_items
-from corpus_builder.norms import Norms, fit_reference, load_reference, save_reference
-from corpus_builder.polish import CaptionPolisher
+from corpus_builder.descriptors import DESCRIPTOR_NAMES, PAIR_NAMES, Descriptors
+from corpus_builder.extraction import discover_all, pseudonymizer_for
+from corpus_builder.norms import Norms, fit_reference, save_reference
 from corpus_builder.privacy import KEY_ENV, KEY_FILE_ENV
-from corpus_builder.records import PHENOTYPES, ScanRecord
-from corpus_builder.splits import SPLITS, assign_splits
+from corpus_builder.records import ScanRecord
+from corpus_builder.shard_passes import (  # noqa: F401  (Shard, TAR_MTIME: importable from here as before)
+    TAR_MTIME,
+    Shard,
+    _write_atomic,
+    describe_shard,
+    extract_shard,
+    plan_shards,
+    write_shard,
+)
+from corpus_builder.splits import assign_splits
 from fmrilm_core.errors import InputError
 
-TAR_MTIME = 0.0  # fixed tar member times: rebuilds are byte-identical
 COMPLETE = "complete.json"  # written last by a finished build
-
-
-@dataclass
-class Shard:
-    name: str                      # e.g. "train-000003"
-    split: str
-    row0: int                      # first zarr row it owns
-    records: list[ScanRecord] = field(default_factory=list)
 
 
 def config_fingerprint(cfg: CorpusConfig, specs: list[str]) -> str:
@@ -144,144 +139,6 @@ def finished_build(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0
     if record.get("source_files") != source_fingerprint(specs, cfg, out):
         return None
     return record["summary"]
-
-
-def plan_shards(records: list[ScanRecord], splits: dict[str, str], shard_size: int) -> list[Shard]:
-    shards: list[Shard] = []
-    for split in SPLITS:
-        members = sorted((r for r in records if splits[r.key] == split), key=lambda r: r.key)
-        for i in range(0, len(members), shard_size):
-            index = len([s for s in shards if s.split == split])
-            shards.append(Shard(f"{split}-{index:06d}", split, len(shards) * shard_size, members[i:i + shard_size]))
-    return shards
-
-
-def _marker(out: Path, shard: Shard, phase: str) -> Path:
-    return out / "shards" / (f"{shard.name}_stats.json" if phase == "write" else f".{shard.name}.{phase}")
-
-
-def _scan_seed(seed: int, key: str) -> int:
-    """Per-scan seed from the key alone: a caption does not change when other scans change."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") ^ seed
-
-
-# ---- the three per-shard passes (Ray tasks) ------------------------------------------------------------
-
-def extract_shard(shard: Shard, cfg: CorpusConfig, out: Path) -> dict:
-    marker = _marker(out, shard, "extract")
-    if marker.exists():
-        return json.loads(marker.read_text())
-    ts = zarr.open_group(out / "timeseries.zarr", mode="r+")["ts"]
-    block = np.zeros((len(shard.records), cfg.source.cleaning.length, cfg.source.atlas.n_rois), np.float32)
-    failures, labels, networks = {}, None, None
-    for i, rec in enumerate(shard.records):
-        x, rec_labels = sources.extract(rec, cfg.source)
-        if x is not None:
-            block[i] = x
-            labels = labels or rec_labels
-            networks = networks or rec.extra.get("networks")
-        failures[rec.key] = {"error": rec.error, "qc": rec.qc}
-    ts[shard.row0:shard.row0 + len(block)] = block
-    result = {"scans": failures, "labels": labels, "networks": networks}
-    _write_atomic(marker, json.dumps(result, sort_keys=True))
-    return result
-
-
-def describe_shard(shard: Shard, ok_rows: list[int], cfg: CorpusConfig, out: Path) -> None:
-    marker = _marker(out, shard, "describe")
-    if marker.exists():
-        return
-    group = zarr.open_group(out / "timeseries.zarr", mode="r+")
-    reference = load_reference(out / "reference.npz", cfg.descriptors)
-    n = len(shard.records)
-    desc = np.full((n, len(DESCRIPTOR_NAMES)), np.nan, np.float32)
-    pairs = np.full((n, len(PAIR_NAMES)), np.nan, np.float32)
-    missing = {}
-    for row in ok_rows:
-        d = compute_descriptors(group["ts"][row], reference, cfg.source.cleaning.tr)
-        desc[row - shard.row0] = d.vector()
-        pairs[row - shard.row0] = [d.fc_pairs[p] for p in PAIR_NAMES]
-        missing[shard.records[row - shard.row0].key] = d.missing
-    group["descriptors"][shard.row0:shard.row0 + n] = desc
-    group["fc_pairs"][shard.row0:shard.row0 + n] = pairs
-    _write_atomic(marker, json.dumps(missing, sort_keys=True))
-
-
-def write_shard(shard: Shard, split_of: dict[str, str], extracted: dict, cfg: CorpusConfig, out: Path,
-                seed: int) -> dict:
-    marker = _marker(out, shard, "write")
-    if marker.exists():
-        return json.loads(marker.read_text())
-    start = time.perf_counter()
-    group = zarr.open_group(out / "timeseries.zarr", mode="r")
-    norms = Norms.load(out / "norms.json")
-    missing_all = json.loads(_marker(out, shard, "describe").read_text())
-    n = len(shard.records)
-    ts = group["ts"][shard.row0:shard.row0 + n]
-    desc = group["descriptors"][shard.row0:shard.row0 + n]
-    pairs = group["fc_pairs"][shard.row0:shard.row0 + n]
-    rows, failures = [], Counter()
-    polisher = CaptionPolisher.from_config(cfg.captions, out / "caption_cache") if cfg.captions.polish else None
-    part = out / "shards" / f"{shard.name}.tar.part"
-    with wds.TarWriter(str(part), mtime=TAR_MTIME) as tar:
-        for i, rec in enumerate(shard.records):
-            info = extracted[rec.key]
-            row = {"key": rec.key, "dataset": rec.dataset, "subject": rec.subject, "session": rec.session,
-                   "run": rec.run, "site": rec.site, "split": split_of[rec.key], "status": "ok",
-                   "error": None, "source": rec.loader, "shard": shard.name, "index": shard.row0 + i}
-            row.update({p: rec.phenotypes.get(p) for p in PHENOTYPES})
-            if info["error"]:
-                row.update(status="failed", error=info["error"], index=-1)
-                failures[failure_reason(info["error"])] += 1
-                rows.append(row)
-                continue
-            d = Descriptors(dict(zip(DESCRIPTOR_NAMES, desc[i].astype(float).tolist())),
-                            dict(zip(PAIR_NAMES, pairs[i].astype(float).tolist())), missing_all[rec.key])
-            z, pair_z = norms.z(d)
-            scan_seed = _scan_seed(seed, rec.key)
-            caption = caption_for(z, pair_z, d.missing, cfg.captions, scan_seed, d.values)
-            if polisher is not None:  # keeps the raw caption when the rewrite loses a claim
-                caption, _ = polisher.polish(caption)
-            qa = instruction_items(rec.phenotypes, caption, scan_seed, cfg.instructions)
-            meta = {"dataset": rec.dataset, "site": rec.site, "split": split_of[rec.key], "session": rec.session,
-                    "run": rec.run, "phenotypes": rec.phenotypes, "qc": info["qc"]}
-            buf = io.BytesIO()
-            np.save(buf, ts[i], allow_pickle=False)
-            tar.write({
-                "__key__": rec.key,
-                "ts.npy": buf.getvalue(),
-                "desc.json": _json({"descriptors": {k: {"value": d.values[k], "z": z[k]} for k in DESCRIPTOR_NAMES},
-                                    "fc_pairs": {k: {"value": d.fc_pairs[k], "z": pair_z[k]} for k in PAIR_NAMES},
-                                    "missing": d.missing}),
-                "caption.txt": caption.encode(),
-                "qa.json": _json(qa),
-                "meta.json": _json(meta),
-            })
-            rows.append(row)
-    os.replace(part, out / "shards" / f"{shard.name}.tar")
-    pd.DataFrame(rows).to_parquet(out / "shards" / f"{shard.name}_manifest.parquet", index=False)
-    stats = {"shard": shard.name, "split": shard.split, "scans": n, "ok": n - sum(failures.values()),
-             "failed": sum(failures.values()), "failed_by_reason": dict(sorted(failures.items())),
-             "write_seconds": round(time.perf_counter() - start, 3)}
-    _write_atomic(marker, json.dumps(stats, sort_keys=True, indent=1))  # last: the completion marker
-    return stats
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write then rename: a kill -9 mid-write never leaves a truncated marker that would block every resume."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _json(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, allow_nan=True, default=_plain).encode()
-
-
-def _plain(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    raise TypeError(type(x).__name__)
 
 
 # ---- the driver ---------------------------------------------------------------------------------------

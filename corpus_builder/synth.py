@@ -1,174 +1,37 @@
 """A synthetic resting-state cohort in the timeseries-tables layout, with planted phenotype effects.
 
-Every scan is generated in four steps (all documented in `ROOT/synth.json` next to the data):
+The scans come from the synthetic-BOLD generator `corpus_builder.synth_bold` (the steps and the planted effects
+are documented there and in `ROOT/synth.json` next to the data), on all 450 ROIs of Tian S3 + Schaefer-400 or an
+even subset of them (`n_rois`); the tables hold what a parcellation step would output:
 
-1. Subject FC = the real Schaefer-400 group connectivity that BrainSpace ships (plus a subcortical block)
-   + planted phenotype effects on network blocks + individual and site variability, projected back to a
-   valid correlation matrix.
-2. Neural noise at the dataset's native TR, convolved with the canonical HRF (slow, autocorrelated
-   BOLD-like signals), mixed through the Cholesky factor of the subject FC.
-3. A global signal, motion-like confounds (random-walk realignment parameters with spikes, written as an
-   fMRIPrep-style confounds table) leaking into the data, white measurement noise, site amplitude.
-4. Raw BOLD-like units (baseline 1000 +- a few %); the tables hold what a parcellation step would output.
-
-Planted effects (sign, per unit of `effects.*`, added to Fisher-z-like block means before projection):
-- sex: males +0.08 within Default and SomMot, females +0.08 within Vis and Limbic;
-- age (z within dataset): -0.06 x z on every within-network block (segregation falls with age);
-- fluid intelligence (z): +0.07 x z on Cont-Default and within Cont;
-- diagnosis: AD -0.12 within Default; ADHD +0.10 DorsAttn-Default; ASD -0.10 subcortical-cortical.
+    ROOT/participants.tsv, synth.json, atlas-TianS3Schaefer400_dseg.tsv
+    ROOT/sub-<id>/ses-<s>/func/sub-<id>_ses-<s>_task-rest_atlas-TianS3Schaefer400_timeseries.{npy,tsv,tsv.gz}
+        + .json sidecar (RepetitionTime, Atlas), + sub-<id>_ses-<s>_task-rest_desc-confounds_timeseries.tsv
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from nilearn.glm.first_level import spm_hrf
 
-from corpus_builder.atlas import NETWORKS, SUBCORTICAL, default_labels, roi_table
+from corpus_builder.atlas import default_labels, roi_table
 from corpus_builder.config import SynthConfig
 from corpus_builder.privacy import Pseudonymizer
+from corpus_builder.synth_bold import (  # noqa: F401  (the generator's names, importable from here as before)
+    PLANTED_EFFECTS,
+    PROFILES,
+    DatasetProfile,
+    bold_scans,
+    draw_subject,
+    group_fc,
+    nearest_correlation,
+    planted_effect,
+)
 
 ATLAS_NAME = "TianS3Schaefer400"
-
-
-@dataclass(frozen=True)
-class DatasetProfile:
-    tr: float              # seconds
-    volumes: int           # native scan length
-    age: tuple[float, float]
-    diagnosis: str | None  # the patient group of this dataset, None = no diagnosis column
-    sites: int
-    id_style: str
-
-
-PROFILES = {
-    "UKB": DatasetProfile(0.735, 490, (45, 80), None, 3, "ukb"),
-    "ABCD": DatasetProfile(0.8, 383, (9, 11), "ADHD", 3, "abcd"),
-    "HCP": DatasetProfile(0.72, 1200, (22, 36), None, 1, "hcp"),
-    "ADNI": DatasetProfile(3.0, 197, (55, 90), "AD", 2, "adni"),
-    "ADHD200": DatasetProfile(2.0, 176, (7, 21), "ADHD", 3, "plain"),
-    "ABIDE": DatasetProfile(2.0, 196, (7, 40), "ASD", 3, "plain"),
-}
-
-
-def group_fc() -> np.ndarray:
-    """450 x 450 group correlation: Tian S3 block (synthetic) + BrainSpace's real Schaefer-400 mean FC."""
-    path = resources.files("brainspace") / "datasets/matrices/main_group/schaefer_400_mean_connectivity_matrix.csv"
-    cortex = np.loadtxt(str(path), delimiter=",")
-    n_sub = 50
-    fc = np.full((n_sub + 400, n_sub + 400), 0.08)
-    fc[:n_sub, :n_sub] = 0.35
-    fc[n_sub:, n_sub:] = cortex
-    np.fill_diagonal(fc, 1.0)
-    return fc
-
-
-def _block_masks(networks: np.ndarray) -> dict[str, np.ndarray]:
-    return {net: networks == net for net in NETWORKS}
-
-
-def _pair(masks, a: str, b: str) -> np.ndarray:
-    m = np.outer(masks[a], masks[b])
-    return (m | m.T).astype(float)
-
-
-def planted_effect(networks: np.ndarray, sex: str, age_z: float, fi_z: float, diagnosis: str | None,
-                   effects) -> np.ndarray:
-    """The symmetric FC offset a subject's phenotypes plant (see module docstring)."""
-    masks = _block_masks(networks)
-    d = np.zeros((len(networks), len(networks)))
-    sign = 1.0 if sex == "M" else -1.0
-    d += effects.sex * 0.08 * sign * (_pair(masks, "Default", "Default") + _pair(masks, "SomMot", "SomMot"))
-    d -= effects.sex * 0.08 * sign * (_pair(masks, "Vis", "Vis") + _pair(masks, "Limbic", "Limbic"))
-    for net in NETWORKS:
-        d -= effects.age * 0.06 * age_z * _pair(masks, net, net)
-    d += effects.fluid_intelligence * 0.07 * fi_z * (_pair(masks, "Cont", "Default") + _pair(masks, "Cont", "Cont"))
-    if diagnosis == "AD":
-        d -= effects.diagnosis * 0.12 * _pair(masks, "Default", "Default")
-    elif diagnosis == "ADHD":
-        d += effects.diagnosis * 0.10 * _pair(masks, "DorsAttn", "Default")
-    elif diagnosis == "ASD":
-        cortex = ~masks[SUBCORTICAL]
-        m = np.outer(masks[SUBCORTICAL], cortex)
-        d -= effects.diagnosis * 0.10 * (m | m.T)
-    return d
-
-
-def nearest_correlation(c: np.ndarray, floor: float = 1e-3) -> np.ndarray:
-    """Clip eigenvalues and rescale to unit diagonal: a valid correlation matrix close to `c`."""
-    w, v = np.linalg.eigh((c + c.T) / 2)
-    c = (v * np.maximum(w, floor)) @ v.T
-    s = np.sqrt(np.diag(c))
-    return c / np.outer(s, s)
-
-
-def _bold_noise(rng: np.random.Generator, n_vol: int, n: int, tr: float) -> np.ndarray:
-    """n slow BOLD-like unit-variance series: white neural noise convolved with the canonical HRF."""
-    hrf = spm_hrf(tr, oversampling=1)
-    pad = len(hrf)
-    z = rng.standard_normal((n_vol + pad, n))
-    out = np.apply_along_axis(lambda col: np.convolve(col, hrf)[pad:pad + n_vol], 0, z)
-    return (out - out.mean(0)) / out.std(0)
-
-
-def _motion(rng: np.random.Generator, n_vol: int) -> pd.DataFrame:
-    trans = np.cumsum(rng.normal(0, 0.02, (n_vol, 3)), 0)           # mm
-    rot = np.cumsum(rng.normal(0, 0.0004, (n_vol, 3)), 0)           # radians
-    spikes = rng.random(n_vol) < 0.02
-    trans[spikes] += rng.normal(0, 0.4, (spikes.sum(), 3))
-    params = np.hstack([trans, rot])
-    diff = np.vstack([np.zeros((1, 6)), np.diff(params, axis=0)])
-    fd = np.abs(diff[:, :3]).sum(1) + 50 * np.abs(diff[:, 3:]).sum(1)  # Power et al., 50 mm head radius
-    cols = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
-    df = pd.DataFrame(params, columns=cols)
-    df["framewise_displacement"] = fd
-    df.loc[0, "framewise_displacement"] = np.nan  # as fMRIPrep writes it
-    return df
-
-
-def _subject_id(rng: np.random.Generator, style: str) -> str:
-    if style == "ukb":
-        return str(rng.integers(1_000_000, 6_000_000))
-    if style == "abcd":
-        return "NDARINV" + "".join(rng.choice(list("ABCDEFGHJKLMNPRSTUVWXYZ0123456789"), 8))
-    if style == "hcp":
-        return str(rng.integers(100_000, 999_999))
-    if style == "adni":
-        return f"{rng.integers(2, 999):03d}S{rng.integers(1000, 9999)}"
-    return str(rng.integers(10_000, 99_999))
-
-
-def draw_subject(rng: np.random.Generator, dataset: str, used_ids: set[str], site_fc: dict,
-                 shape: tuple[int, int]) -> tuple[dict, tuple[str, float, float, str | None]]:
-    """One subject of `dataset`: its participants.tsv row and (sex, age z, fluid-intelligence z, diagnosis).
-
-    `used_ids` keeps ids unique; `site_fc` gets a small scanner-specific FC offset and amplitude per new site.
-    """
-    prof = PROFILES[dataset]
-    while (sid := _subject_id(rng, prof.id_style)) in used_ids:
-        pass
-    used_ids.add(sid)
-    site = f"{dataset}-site{rng.integers(prof.sites) + 1}"
-    if site not in site_fc:
-        noise = rng.normal(0, 0.02, shape)
-        site_fc[site] = ((noise + noise.T) / 2, rng.uniform(0.7, 1.3))
-    sex = "M" if rng.random() < 0.5 else "F"
-    age = float(rng.uniform(*prof.age))
-    age_z = (age - np.mean(prof.age)) / (np.ptp(prof.age) / np.sqrt(12))
-    fi_z = float(rng.standard_normal())
-    diagnosis = None
-    if prof.diagnosis is not None:
-        diagnosis = prof.diagnosis if rng.random() < 0.5 else "CN"
-    row = {"participant_id": f"sub-{sid}", "sex": sex, "age": round(age, 1),
-           "fluid_intelligence": int(np.clip(round(6 + 2 * fi_z), 0, 13)) if dataset == "UKB" else
-           round(100 + 15 * fi_z, 1),
-           "diagnosis": diagnosis if diagnosis is not None else "n/a", "site": site, "dataset": dataset}
-    return row, (sex, age_z, fi_z, diagnosis)
 
 
 def _write_table(path_stem: Path, data: np.ndarray, labels: list[str], fmt: str) -> Path:
@@ -201,49 +64,27 @@ def synthesize(cfg: SynthConfig, root: Path, progress=None) -> pd.DataFrame:
     table.rename(columns={"label": "name"}).to_csv(roi_path, sep="\t", index=False)
 
     rows = []
-    used_ids: set[str] = set()
-    site_fc = {}
-    for i in range(cfg.subjects):
-        dataset = cfg.datasets[i % len(cfg.datasets)]
-        prof = PROFILES[dataset]
-        row, (sex, age_z, fi_z, diagnosis) = draw_subject(rng, dataset, used_ids, site_fc, base.shape)
-        sid, site = row["participant_id"].removeprefix("sub-"), row["site"]
-        rows.append(row)
-        effect = planted_effect(networks, sex, age_z, fi_z, diagnosis, cfg.effects)
-        individual = rng.normal(0, 0.015, base.shape)
-        for ses in range(cfg.sessions):
-            site_offset, amplitude = site_fc[site]
-            fc = nearest_correlation(base + effect + site_offset + (individual + individual.T) / 2)
-            n_vol = max(16, int(round(prof.volumes * cfg.length_scale)))
-            signal = _bold_noise(rng, n_vol, len(labels), prof.tr) @ np.linalg.cholesky(fc).T
-            motion = _motion(rng, n_vol)
-            gs = _bold_noise(rng, n_vol, 1, prof.tr)[:, 0]
-            leak = rng.normal(0, 0.3, (6, len(labels)))
-            motion_z = (motion.iloc[:, :6] - motion.iloc[:, :6].mean()) / (motion.iloc[:, :6].std() + 1e-9)
-            data = (signal + np.outer(gs, rng.uniform(0.3, 0.8, len(labels))) + motion_z.to_numpy() @ leak
-                    + rng.normal(0, 0.5, signal.shape))
-            data = 1000 + 10 * amplitude * data * rng.uniform(0.5, 1.5, len(labels))
-            motion["global_signal"] = 1000 + 10 * gs
-            # tissue signals: physiological noise shared with the global signal, as fMRIPrep reports them
-            motion["white_matter"] = 900 + 5 * (0.5 * gs + rng.standard_normal(n_vol))
-            motion["csf"] = 1500 + 8 * (0.3 * gs + rng.standard_normal(n_vol))
-            ses_label = f"ses-{ses + 1}"
-            func = root / f"sub-{sid}" / ses_label / "func"
-            func.mkdir(parents=True, exist_ok=True)
-            stem = func / f"sub-{sid}_{ses_label}_task-rest"
-            _write_table(Path(f"{stem}_atlas-{ATLAS_NAME}_timeseries"), data, labels, cfg.roi_format)
-            Path(f"{stem}_atlas-{ATLAS_NAME}_timeseries.json").write_text(
-                json.dumps({"RepetitionTime": prof.tr, "Atlas": ATLAS_NAME}))
-            motion.to_csv(f"{stem}_desc-confounds_timeseries.tsv", sep="\t", index=False, na_rep="n/a",
-                          float_format="%.6f")
-            if progress is not None:
-                progress(1)
+    for scan in bold_scans(cfg, rng, base, networks, leak_first=True):
+        sid = scan.participant["participant_id"].removeprefix("sub-")
+        if scan.session == 1:
+            rows.append(scan.participant)
+        ses_label = f"ses-{scan.session}"
+        func = root / f"sub-{sid}" / ses_label / "func"
+        func.mkdir(parents=True, exist_ok=True)
+        stem = func / f"sub-{sid}_{ses_label}_task-rest"
+        _write_table(Path(f"{stem}_atlas-{ATLAS_NAME}_timeseries"), scan.roi, labels, cfg.roi_format)
+        Path(f"{stem}_atlas-{ATLAS_NAME}_timeseries.json").write_text(
+            json.dumps({"RepetitionTime": scan.tr, "Atlas": ATLAS_NAME}))
+        scan.confounds.to_csv(f"{stem}_desc-confounds_timeseries.tsv", sep="\t", index=False, na_rep="n/a",
+                              float_format="%.6f")
+        if progress is not None:
+            progress(1)
 
     Pseudonymizer.for_synthetic(root)  # example data carries its own pseudonym key
     participants = pd.DataFrame(rows)
     participants.to_csv(root / "participants.tsv", sep="\t", index=False)
     (root / "synth.json").write_text(json.dumps({
         "generator": "fmrilm synth", "config": cfg.model_dump(mode="json"), "atlas": ATLAS_NAME,
-        "planted_effects": __doc__.split("Planted effects")[1].strip(),
+        "planted_effects": PLANTED_EFFECTS,
     }, indent=2))
     return participants

@@ -1,10 +1,11 @@
 """A small synthetic cohort in the fMRIPrep layout: 4D BOLD images whose atlas parcels carry synthetic series.
 
-The ROI series are made as in `corpus_builder.synth` (group FC of the real Schaefer-400 / Tian ROIs named
-below, planted phenotype effects, HRF-filtered noise, global signal, motion leakage, site amplitude), for a
-small atlas of 2 subcortical + 12 cortical parcels; every voxel of a parcel then carries its parcel's
-series plus a voxel baseline and white voxel noise, white-matter voxels carry the white-matter signal of
-the confounds table. Parcel means therefore recover the ROI series up to noise of 1/sqrt(voxels).
+The ROI series come from the synthetic-BOLD generator `corpus_builder.synth_bold`, as the tables cohort's of
+`corpus_builder.synth` do (group FC of the real Schaefer-400 / Tian ROIs named below, planted phenotype effects,
+HRF-filtered noise, global signal, motion leakage, site amplitude), for a small atlas of 2 subcortical + 12
+cortical parcels; every voxel of a parcel then carries its parcel's series plus a voxel baseline and white voxel
+noise, white-matter voxels carry the white-matter signal of the confounds table. Parcel means therefore recover
+the ROI series up to noise of 1/sqrt(voxels).
 
     ROOT/dataset_description.json, participants.tsv, synth.json
     ROOT/atlas/atlas-TianS3synth_dseg.nii.gz + .tsv       2 parcels, Tian S3 names (subcortical, first)
@@ -26,18 +27,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from corpus_builder import synth
 from corpus_builder.atlas import default_labels, roi_table
 from corpus_builder.config import AtlasConfig, SynthConfig
 from corpus_builder.privacy import Pseudonymizer
-from corpus_builder.synth import (
-    PROFILES,
-    _bold_noise,
-    _motion,
-    group_fc,
-    nearest_correlation,
-    planted_effect,
-)
+from corpus_builder.synth_bold import PLANTED_EFFECTS, bold_scans, group_fc
 
 GRID = (20, 24, 20)
 VOXEL_MM = 8.0
@@ -138,44 +131,24 @@ def write_nifti_cohort(cfg: SynthConfig, root: Path, progress=None) -> pd.DataFr
     sub, cortex, white = atlas_images()
     parcels = [sub == v for v in range(1, len(SUBCORTICAL) + 1)] + \
         [cortex == v for v in range(1, len(CORTICAL) + 1)]
-    n = len(labels)
 
-    rows, used_ids, site_fc = [], set(), {}
-    for i in range(cfg.subjects):
-        dataset = cfg.datasets[i % len(cfg.datasets)]
-        prof = PROFILES[dataset]
-        row, (sex, age_z, fi_z, diagnosis) = synth.draw_subject(rng, dataset, used_ids, site_fc, base.shape)
-        sid, site = row["participant_id"].removeprefix("sub-"), row["site"]
-        rows.append(row)
-        effect = planted_effect(networks, sex, age_z, fi_z, diagnosis, cfg.effects)
-        individual = rng.normal(0, 0.015, base.shape)
-        site_offset, amplitude = site_fc[site]
-        for ses in range(cfg.sessions):
-            fc = nearest_correlation(base + effect + site_offset + (individual + individual.T) / 2)
-            n_vol = max(16, int(round(prof.volumes * cfg.length_scale)))
-            signal = _bold_noise(rng, n_vol, n, prof.tr) @ np.linalg.cholesky(fc).T
-            confounds = _motion(rng, n_vol)
-            gs = _bold_noise(rng, n_vol, 1, prof.tr)[:, 0]
-            motion = confounds.iloc[:, :6].to_numpy()
-            motion_z = (motion - motion.mean(0)) / (motion.std(0, ddof=1) + 1e-9)
-            roi = (signal + np.outer(gs, rng.uniform(0.3, 0.8, n)) + motion_z @ rng.normal(0, 0.3, (6, n))
-                   + rng.normal(0, 0.5, signal.shape))
-            roi = 1000 + 10 * amplitude * roi * rng.uniform(0.5, 1.5, n)
-            confounds["global_signal"] = 1000 + 10 * gs
-            confounds["white_matter"] = 900 + 5 * (0.5 * gs + rng.standard_normal(n_vol))
-            confounds["csf"] = 1500 + 8 * (0.3 * gs + rng.standard_normal(n_vol))
-            ses_label = f"ses-{ses + 1}"
-            func = root / f"sub-{sid}" / ses_label / "func"
-            func.mkdir(parents=True, exist_ok=True)
-            stem = f"sub-{sid}_{ses_label}_task-rest"
-            img = _bold_image(rng, roi, parcels, white, confounds["white_matter"].to_numpy(), prof.tr)
-            nib.save(img, func / f"{stem}_space-{SPACE}_desc-preproc_bold.nii.gz")
-            (func / f"{stem}_space-{SPACE}_desc-preproc_bold.json").write_text(
-                json.dumps({"RepetitionTime": prof.tr, "SkullStripped": False, "TaskName": "rest"}))
-            confounds.to_csv(func / f"{stem}_desc-confounds_timeseries.tsv", sep="\t", index=False,
-                             na_rep="n/a", float_format="%.6f")
-            if progress is not None:
-                progress(1)
+    rows = []
+    for scan in bold_scans(cfg, rng, base, networks, leak_first=False):
+        sid = scan.participant["participant_id"].removeprefix("sub-")
+        if scan.session == 1:
+            rows.append(scan.participant)
+        ses_label = f"ses-{scan.session}"
+        func = root / f"sub-{sid}" / ses_label / "func"
+        func.mkdir(parents=True, exist_ok=True)
+        stem = f"sub-{sid}_{ses_label}_task-rest"
+        img = _bold_image(rng, scan.roi, parcels, white, scan.confounds["white_matter"].to_numpy(), scan.tr)
+        nib.save(img, func / f"{stem}_space-{SPACE}_desc-preproc_bold.nii.gz")
+        (func / f"{stem}_space-{SPACE}_desc-preproc_bold.json").write_text(
+            json.dumps({"RepetitionTime": scan.tr, "SkullStripped": False, "TaskName": "rest"}))
+        scan.confounds.to_csv(func / f"{stem}_desc-confounds_timeseries.tsv", sep="\t", index=False,
+                              na_rep="n/a", float_format="%.6f")
+        if progress is not None:
+            progress(1)
 
     Pseudonymizer.for_synthetic(root)  # example data carries its own pseudonym key
     participants = pd.DataFrame(rows)
@@ -190,6 +163,6 @@ def write_nifti_cohort(cfg: SynthConfig, root: Path, progress=None) -> pd.DataFr
                   "labels": [str(Path(p).relative_to(root)) for p in atlas.labels], "n_rois": atlas.n_rois,
                   "note": "paths relative to this folder; set corpus.source.atlas to them"},
         "rois": labels,
-        "planted_effects": synth.__doc__.split("Planted effects")[1].strip(),
+        "planted_effects": PLANTED_EFFECTS,
     }, indent=2))
     return participants
