@@ -6,6 +6,8 @@
 - `runtime`: the `Runtime` protocol a stage is handed and `LocalRuntime`, its local implementation.
 - `engine`: the DeepSpeed process group, config, LR schedule and engine builder; `gathered` parameters.
 - `checkpoint`: checkpoint save / resume with the config fingerprint.
+- `trainer`: the training loop of every stage, written once (`fit`: steps, logging, progress, validation,
+  checkpoints, a run resumed at its end), and `engine_step`, one optimizer step of a DeepSpeed engine.
 - `llm`: loading a base causal LM from a folder or the shipped SmolLM2 GGUF.
 - `lineage`: a saved model's `lineage.json` (the corpus each stage trained on, whom it saw) and the checks that
   keep a trained subject out of a test figure.
@@ -14,5 +16,5 @@
 
 This package imports no stage (`corpus_builder`, `tokenizer_train`, `llm_train`, `evaluation`, `cluster`);
 `cluster` supplies the Ray Train runtime on top. Importing it is cheap: torch, DeepSpeed and transformers load only
-in the modules (`engine`, `checkpoint`) or functions (`llm`) that need them.
+in the modules (`engine`, `checkpoint`, `trainer`) or functions (`llm`) that need them.
 """
