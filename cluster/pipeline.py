@@ -207,8 +207,9 @@ def run_eval(cfg: PipelineConfig, model: Path, corpus: Path, out: Path, tracker:
              resume: bool = False) -> StageResult:
     """The eval stage: the model folder `model` on the test split of `corpus`, as the config's `eval` section says
     (the `train_n` / `tuned` fine-tuning with its `instruct` section: `eval.finetune_steps` steps for `train_n`,
-    `eval.tuned_epochs` epochs for `tuned`; `external`: every scan of a cohort that shares no subject with the model's
-    lineage; `resume`: refuse a stale fine-tuning instead of redoing it), into `out`
+    `eval.tuned_epochs` epochs for `tuned`, on `workers` Ray Train workers when there are any; `external`: every scan
+    of a cohort that shares no subject with the model's lineage; `resume`: refuse a stale fine-tuning instead of
+    redoing it), into `out`
     (metrics.json, predictions.json, eval.json, report.html) inside an MLflow run with the figures as metrics
     `<task>/<protocol>/<metric>` (also the summary) and the files as artifacts."""
     from cluster.launch import step_reporter
@@ -219,13 +220,21 @@ def run_eval(cfg: PipelineConfig, model: Path, corpus: Path, out: Path, tracker:
     if ev.finetune_steps is not None:
         tune = tune.model_copy(update={"steps": ev.finetune_steps, "checkpoint_every": ev.finetune_steps,
                                        "eval_every": ev.finetune_steps})
+
+    def on_workers(train_fn, tune_cfg, inputs, name: str) -> dict:
+        """A fine-tuning on Ray Train workers like every other training, its storage in the fine-tuning's folder."""
+        return run_training(train_fn, tune_cfg, inputs, workers=cfg.workers, log_fn=None,
+                            storage=Path(inputs.out) / "ray", name=name)
+
     params = {**flatten(ev), "model": str(model), "corpus": str(corpus), "seed": cfg.seed, "external": external}
     with tracker.run("eval", parent=parent, params=params, input_run_id=input_run_id) as run:
         metrics = evaluate_tasks(model, corpus, out, tasks=ev.tasks, shots=tuple(ev.shots), seed=cfg.seed,
                                  max_test=ev.max_test, examples=ev.examples, train_n=tuple(ev.train_n),
                                  tuned=ev.tuned, tuned_epochs=ev.tuned_epochs, instruct_cfg=tune,
                                  progress_fn=step_reporter, external=external, resume=resume,
-                                 regression=ev.regression_decoding, temperature=ev.temperature_scaling)
+                                 regression=ev.regression_decoding, temperature=ev.temperature_scaling,
+                                 # workers 0: evaluate_tasks' own in-process run, its steps named after the task
+                                 train_runner=on_workers if cfg.workers > 0 else None)
         summary = flat_metrics(metrics)
         run.log_metrics({k: v for k, v in summary.items() if math.isfinite(v)})
         for name in ("metrics.json", "predictions.json", "eval.json", "report.html"):

@@ -245,9 +245,12 @@ def check_fine_tunings(out: Path, key: dict) -> None:
 
 
 def fine_tune_on(model_dir: Path, corpus: Path, out: Path, data: TaskData, keys: list[str], cfg, *,
-                 key: dict | None = None, resume: bool = False, progress_fn=None) -> dict:
+                 key: dict | None = None, resume: bool = False, progress_fn=None, train_runner=None) -> dict:
     """The paper's few-shot / tuned protocols: instruction-tune the folder on the task's question for the train
-    scans `keys` only (`llm_train.instruct`, in-process, steps reported through `progress_fn`), into `out`.
+    scans `keys` only (`llm_train.instruct.train`, stage 3's loop), into `out`. `train_runner(train_fn, cfg, inputs,
+    name)` runs that training (e.g. on Ray Train workers: `cluster.launch.run_training`, checkpoints and storage
+    under `out`); None runs it in-process with a `LocalRuntime` (checkpoints in `out/checkpoints`), its steps
+    reported through `progress_fn`.
 
     The folder is keyed by what it is made from (the input folder's content, the corpus's split assignment, the
     examples, the config; `key` from `fine_tune_key`, computed here when not given): an `out` made from anything
@@ -280,6 +283,9 @@ def fine_tune_on(model_dir: Path, corpus: Path, out: Path, data: TaskData, keys:
     key_file.write_text(json.dumps(record, indent=1) + "\n")
     labelled = None if progress_fn is None else (  # "eval sex_train_n_2: fine-tuning steps  12/40 ..."
         lambda stage, total, start, rank: progress_fn(f"eval {out.name}: fine-tuning steps", total, start, rank))
-    train_instruct(cfg, InstructInputs(model_dir, corpus, out, items=items),
-                   LocalRuntime(out / "checkpoints", progress_fn=labelled))
+    inputs = InstructInputs(model_dir, corpus, out, items=items)
+    if train_runner is None:
+        train_instruct(cfg, inputs, LocalRuntime(out / "checkpoints", progress_fn=labelled))
+    else:
+        train_runner(train_instruct, cfg, inputs, f"fine_tune_{out.name}")
     return {k: v for k, v in record.items() if k not in ("config", "keys")}

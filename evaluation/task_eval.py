@@ -216,14 +216,17 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
                    examples: int = 4, max_new_tokens: int = 96, device: str | None = None,
                    report: bool = True, train_n: tuple[int, ...] = (), tuned: bool = False,
                    tuned_epochs: float = 1.0, instruct_cfg=None, progress_fn=None, external: bool = False,
-                   resume: bool = False, regression: str = "greedy", temperature: bool = True) -> dict:
+                   resume: bool = False, regression: str = "greedy", temperature: bool = True,
+                   train_runner=None) -> dict:
     """Score the model folder and the baselines on the test split (every scan with `external`); write OUT (see the
     module doc); return the metrics. `max_test` caps the test scans per task (a seeded subset, for quick runs).
     `train_n`: for each N, the folder fine-tuned on N class-balanced train subjects (one scan each) with
     `instruct_cfg` (an InstructConfig; None = 20 steps), scored zero-shot as `train_n_<N>`; `tuned`: the same on
     every labelled train scan of the task for `tuned_epochs` epochs, scored as `tuned`. Fine-tunings land in
     OUT/fine_tuned/, keyed by their inputs (`resume`: refuse a stale one instead of redoing it); training steps and
-    scans scored are reported through `progress_fn(stage, total, start, rank)` (silent without one)."""
+    scans scored are reported through `progress_fn(stage, total, start, rank)` (silent without one).
+    `train_runner(train_fn, cfg, inputs, name) -> metrics` runs each fine-tuning (e.g. on Ray Train workers); None
+    runs it in-process (`protocols.fine_tune_on`)."""
     model_dir, corpus, out = Path(model_dir), Path(corpus), Path(out)
     shots = tuple(sorted(set(int(k) for k in shots)))
     if any(k < 0 for k in shots):
@@ -292,7 +295,8 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
                 cfg = cfg.model_copy(update={"steps": steps, "checkpoint_every": steps, "eval_every": steps})
             tuned_dir = out / "fine_tuned" / f"{task.name}_{name}"
             fine_tunings.setdefault(task.name, {})[name] = fine_tune_on(
-                model_dir, own, tuned_dir, data, chosen, cfg, key=key, resume=resume, progress_fn=progress_fn)
+                model_dir, own, tuned_dir, data, chosen, cfg, key=key, resume=resume, progress_fn=progress_fn,
+                train_runner=train_runner)
             fine_tuning_sets.setdefault(task.name, {})[name] = chosen
             tuned_model, tuned_tok, _, tuned_meta = load_aligned(tuned_dir, device)
             scoring.protocol(name, tuned_model, tuned_tok, tuned_meta.get("prompt_format", "plain"), [])

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fmrilm_core.config import StrictModel
+from fmrilm_core.config import OptimConfig, StrictModel
 
 
 class ObjectiveWeights(StrictModel):
@@ -24,16 +24,6 @@ class LoraSettings(StrictModel):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-
-
-class AlignOptim(StrictModel):
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = Field(20, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    grad_clip: float = Field(1.0, gt=0)
 
 
 class AlignEval(StrictModel):
@@ -73,7 +63,7 @@ class LLMAlignConfig(StrictModel):
     steps: int = Field(500, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     eval_every: int = Field(100, ge=1)
-    optim: AlignOptim = AlignOptim()
+    optim: OptimConfig = OptimConfig()
     deepspeed: Path | None = Field(None, description="DeepSpeed JSON (configs/deepspeed/*.json); None = ZeRO-0")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
@@ -110,7 +100,7 @@ class InstructConfig(StrictModel):
     checkpoint_every: int = Field(100, ge=1)
     eval_every: int = Field(100, ge=1)
     eval_items: int = Field(32, ge=1, description="val items for the answer loss")
-    optim: AlignOptim = AlignOptim()
+    optim: OptimConfig = OptimConfig()
     deepspeed: Path | None = Field(None, description="DeepSpeed JSON, ZeRO 0-3 (configs/deepspeed/); None = ZeRO-0")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 0

@@ -6,7 +6,8 @@ instruction items (`qa.json`: single-turn QA, multi-turn, multi-target, open-end
 The conversation is rendered with the backbone's chat template (the stage-2 folder always has one), segment by
 segment: each user turn up to and including the assistant header is context, each assistant turn (its text and the
 template's end-of-turn) is target. The loss is stage 2's F2T loss (`AlignModel.f2t_loss`: scan, then a suffix
-whose labels mark what is learnt), so the model, the DeepSpeed engine, checkpoints and resume are stage 2's.
+whose labels mark what is learnt), so the model, the DeepSpeed engine, checkpoints and resume are stage 2's, and
+the loop and its step are the ones every stage shares (`fmrilm_core.trainer`).
 
 Full or LoRA: a LoRA stage-2 folder is merged into its base first; with `lora.enabled` fresh adapters (and the
 brain rows, as in stage 2) are trained and merged again before saving, so the stage-3 folder is a plain
@@ -33,11 +34,12 @@ import torch
 from corpus_builder.instructions import item_attributes, without_attributes
 from corpus_builder.lineage import stage_lineage
 from corpus_builder.readers import open_zarr, read_captions, read_instructions, read_phenotypes
-from fmrilm_core.checkpoint import config_fingerprint, resume_point, save_checkpoint
+from fmrilm_core.checkpoint import config_fingerprint, resume_point
 from fmrilm_core.engine import deepspeed_config, init_distributed
 from fmrilm_core.errors import InputError
 from fmrilm_core.lineage import folder_digest, read_lineage
 from fmrilm_core.runtime import Runtime
+from fmrilm_core.trainer import engine_step, fit
 from llm_train.config import InstructConfig
 from llm_train.data import encode_scans
 from llm_train.export import check_atlas, load_aligned, save_aligned
@@ -250,30 +252,13 @@ def train(cfg: InstructConfig, inputs: InstructInputs, runtime: Runtime) -> dict
     if before is None:
         before = answer_loss(engine.module, val_batches, engine.device)
         runtime.log({"val/answer_loss_before": before}, 0)
-    metrics: dict[str, float] = {}
-    losses: dict[str, torch.Tensor] = {}
-    with runtime.progress("instruct: steps", cfg.steps, start) as progress:
-        for step in range(start, cfg.steps):
-            torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + runtime.rank)
-            batch = {k: v.to(engine.device) for k, v in train_data.batch(step).items()}
-            engine.train()
-            losses = engine(batch)
-            engine.backward(losses["loss"])
-            engine.step()
-            losses = {k: v.detach() for k, v in losses.items()}
-            if step % 10 == 0 or step + 1 == cfg.steps:
-                runtime.log({"train/answer_loss": float(losses["loss"]), "train/lr": engine.get_lr()[0]}, step)
-            done = step + 1
-            progress.update(done, loss=losses["loss"])
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                metrics = {"val/answer_loss": answer_loss(engine.module, val_batches, engine.device),
-                           "val/answer_loss_before": before}
-                runtime.log(metrics, step)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(engine, runtime, done, fingerprint, metrics, extra={"answer_loss_before": before})
-    if not metrics:
-        metrics = {"val/answer_loss": answer_loss(engine.module, val_batches, engine.device),
-                   "val/answer_loss_before": before}
+    metrics, _ = fit(
+        engine, runtime, name="instruct", steps=cfg.steps, start=start,
+        step=lambda step: engine_step(engine, train_data.batch, cfg.seed, step, runtime.rank),
+        validate=lambda: {"val/answer_loss": answer_loss(engine.module, val_batches, engine.device),
+                          "val/answer_loss_before": before},
+        fingerprint=fingerprint, eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+        extra={"answer_loss_before": before}, logged=lambda losses: {"train/answer_loss": float(losses["loss"])})
     final = engine.module
     final.backbone = merged(final.backbone)  # every rank: under ZeRO-3 the merge gathers the weights
     shim = types.SimpleNamespace(base=meta.get("base"), prompt=meta.get("prompt"))

@@ -1,7 +1,8 @@
-"""Stage 2 training: `train(cfg, inputs, runtime)`, a loop of train_step / validate / checkpoint with resume as the
-first thing it does. The same code runs in one process, under torchrun and inside Ray Train workers (the caller
-sets up the process-group environment and hands in a `Runtime`); the DeepSpeed engine, LR schedule and checkpoints
-come from `fmrilm_core`, as in stage 1.
+"""Stage 2 training: `train(cfg, inputs, runtime)`, the loop every stage shares (`fmrilm_core.trainer.fit`: step /
+validate / checkpoint) with resume as the first thing it does. The same code runs in one process, under torchrun
+and inside Ray Train workers (the caller sets up the process-group environment and hands in a `Runtime`); the
+DeepSpeed engine, LR schedule, checkpoints and the step itself (`engine_step`) come from `fmrilm_core`, as in
+stage 1.
 
     base LLM (folder or GGUF) --add markers + K brain tokens, rows from the stage-1 codebook--> [LoRA] --> AlignModel
     corpus --ScanBatches--> frozen BrainTokenizer --> codes / features --> F2F + F2T + T2T --> DeepSpeed engine
@@ -18,12 +19,13 @@ from pathlib import Path
 import torch
 
 from corpus_builder.lineage import stage_lineage, subject_per_key
-from fmrilm_core.checkpoint import config_fingerprint, load_checkpoint, resume_point, save_checkpoint
+from fmrilm_core.checkpoint import config_fingerprint, load_checkpoint, resume_point
 from fmrilm_core.engine import build_engine, deepspeed_config, from_rank0, init_distributed, lr_lambda
 from fmrilm_core.errors import InputError
 from fmrilm_core.lineage import read_lineage
 from fmrilm_core.llm import load_causal_lm, load_tokenizer, resolve_llm
 from fmrilm_core.runtime import Runtime
+from fmrilm_core.trainer import engine_step, fit
 from llm_train.config import LLMAlignConfig
 from llm_train.connectivity import ConnectivityTokens, fit_on_corpus
 from llm_train.data import AlignBatches, CaptionSuffix, TextChunks, encode_scans, held_out_text
@@ -168,25 +170,12 @@ def train(cfg: LLMAlignConfig, inputs: AlignInputs, runtime: Runtime) -> dict:
         base_ppl = reference.perplexity(engine.module, engine.device)["t2t_perplexity_text_rows"]
         runtime.log({"val/t2t_perplexity_base": base_ppl}, 0)
 
-    metrics: dict[str, float] = {}
-    losses: dict[str, torch.Tensor] = {}
-    with runtime.progress("align: steps", cfg.steps, start) as progress:
-        for step in range(start, cfg.steps):
-            losses = train_step(engine, train_data, step, cfg.seed, runtime.rank)
-            if step % 10 == 0 or step + 1 == cfg.steps:
-                runtime.log({f"train/{k}": float(v) for k, v in losses.items()} | {"train/lr": engine.get_lr()[0]},
-                            step)
-            done = step + 1
-            progress.update(done, loss=losses["loss"])
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                metrics = reference.validate(engine.module, engine.device) | {"val/t2t_perplexity_base": base_ppl}
-                runtime.log(metrics, step)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(engine, runtime, done, fingerprint,
-                                {f"train/{k}": float(v) for k, v in losses.items()} | metrics,
-                                extra={"base_perplexity": base_ppl})
-    if not metrics:  # resumed at the end: nothing trained, measure what was saved
-        metrics = reference.validate(engine.module, engine.device) | {"val/t2t_perplexity_base": base_ppl}
+    metrics, losses = fit(
+        engine, runtime, name="align", steps=cfg.steps, start=start,
+        step=lambda step: engine_step(engine, train_data.batch, cfg.seed, step, runtime.rank),
+        validate=lambda: reference.validate(engine.module, engine.device) | {"val/t2t_perplexity_base": base_ppl},
+        fingerprint=fingerprint, eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+        extra={"base_perplexity": base_ppl})
     save_aligned(engine.module, tokenizer, cfg, brain_tokenizer, Path(inputs.tokenizer), corpus, out, runtime.rank,
                  lineage=lineage, config=cfg.model_dump(mode="json"))
     if torch.distributed.is_initialized():
@@ -203,16 +192,6 @@ def engine_from(model, cfg, ds_config: dict, latest: Path | None):
                       min_lr_ratio=cfg.optim.min_lr_ratio)
     engine, _ = build_engine(model, [{"params": trainable}], ds_config, lr_fn)
     return engine, (load_checkpoint(engine, latest) if latest is not None else {})
-
-
-def train_step(engine, data: AlignBatches, step: int, seed: int, rank: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed * 1_000_003 + step * 101 + rank)  # dropout of a resumed step repeats exactly
-    batch = {k: v.to(engine.device) for k, v in data.batch(step).items()}
-    engine.train()
-    losses = engine(batch)
-    engine.backward(losses["loss"])
-    engine.step()
-    return {k: v.detach() for k, v in losses.items()}
 
 
 class ValidationSet:

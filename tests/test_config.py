@@ -51,6 +51,28 @@ def test_set_overrides_are_validated_like_the_file(tmp_path):
         load_config(None, ["synth.subjects"])
 
 
+def test_one_optimizer_config_with_each_stages_defaults():
+    from fmrilm_core.config import OptimConfig
+
+    cfg = load_config(None, ["tokenizer.optim={lr: 0.002}", "align.optim.lr=0.003", "instruct.optim={warmup_steps: 3}"])
+    assert all(isinstance(getattr(cfg, s).optim, OptimConfig) for s in ("tokenizer", "align", "instruct"))
+    # a partial section keeps its stage's defaults for the rest: stage 1's ...
+    tok = cfg.tokenizer.optim
+    assert (tok.lr, tok.weight_decay, tok.warmup_steps, tok.min_lr_ratio, tok.domain_lr_scale) == \
+        (0.002, 0.05, 100, 0.0, 5.0)
+    # ... and stages 2 and 3's
+    assert (cfg.align.optim.lr, cfg.align.optim.weight_decay, cfg.align.optim.warmup_steps,
+            cfg.align.optim.min_lr_ratio) == (0.003, 0.0, 20, 0.1)
+    assert cfg.instruct.optim == OptimConfig(warmup_steps=3)
+    for stage in ("tokenizer", "align", "instruct"):  # the same checks in every stage
+        with pytest.raises(ConfigError, match=rf"{stage}\.optim\.min_lr_ratio"):
+            load_config(None, [f"{stage}.optim.min_lr_ratio=2"])
+        with pytest.raises(ConfigError, match=rf"{stage}\.optim\.lr"):
+            load_config(None, [f"{stage}.optim.lr=0"])
+    with pytest.raises(ConfigError, match=r"align\.optim\.domain_lr_scale.*unknown key"):  # stage 1's alone
+        load_config(None, ["align.optim.domain_lr_scale=2"])
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(write(tmp_path, "a: [1, 2\n"))

@@ -563,6 +563,37 @@ def test_train_n_and_tuned_fine_tune_on_train_subjects_only(corpus, model_dir, t
         assert name in (out / "report.html").read_text()
 
 
+def test_a_train_runner_runs_each_fine_tuning_as_the_pipeline_runs_a_stage(corpus, model_dir, tmp_path):
+    """The pipeline hands eval a runner built on `cluster.launch.run_training` (Ray Train workers when it has
+    any); every fine-tuning goes through it, stage 3's own training, into the fine-tuning's folder."""
+    from cluster.launch import run_training
+    from evaluation.task_eval import evaluate_tasks
+    from llm_train import instruct
+    from llm_train.config import InstructConfig
+
+    cfg = InstructConfig.model_validate({"steps": 2, "batch_size": 2, "checkpoint_every": 2, "eval_every": 2,
+                                         "eval_items": 2, "max_tokens": 32})
+    calls = []
+
+    def runner(train_fn, tune_cfg, inputs, name):
+        calls.append((train_fn, tune_cfg, inputs, name))
+        return run_training(train_fn, tune_cfg, inputs, workers=0, log_fn=None, storage=inputs.out / "ray",
+                            name=name)
+
+    out = tmp_path / "E"
+    metrics = evaluate_tasks(model_dir, corpus, out, tasks=["sex"], shots=(), train_n=(2,), instruct_cfg=cfg,
+                             max_test=4, examples=0, device="cpu", report=False, temperature=False,
+                             train_runner=runner)
+    tuned = out / "fine_tuned" / "sex_train_n_2"
+    assert [(fn, c, inputs.out, name) for fn, c, inputs, name in calls] == [
+        (instruct.train, cfg, tuned, "fine_tune_sex_train_n_2")]
+    chosen = json.loads((out / "eval.json").read_text())["fine_tuning_sets"]["sex"]["train_n_2"]
+    assert [key for key, _ in calls[0][2].items] == chosen  # the examples, and only them
+    assert (tuned / "checkpoints" / "step_00000002").is_dir()  # run_training's runtime, in the folder
+    assert json.loads((tuned / "brain.json").read_text())["stage"] == "instruct"
+    assert "train_n_2" in metrics["sex"]
+
+
 def test_eval_never_reports_another_models_fine_tuning_left_in_its_folder(corpus, model_dir, tmp_path):
     """An eval folder holds a fine-tuning made from one model; evaluating another model into it redoes the
     fine-tuning (or, with resume, refuses in one line) instead of scoring the stale one."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, model_validator
 
-from fmrilm_core.config import StrictModel
+from fmrilm_core.config import LrFloor, OptimConfig, StrictModel
 
 
 class TokenizerModelConfig(StrictModel):
@@ -62,16 +62,13 @@ class TextConfig(StrictModel):
     text_batch: int = Field(4096, ge=1, description="text-token embeddings per step for the domain classifier")
 
 
-class OptimConfig(StrictModel):
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = Field(100, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = Field(
-        0.0, ge=0, le=1, description="floor of the cosine decay as a share of lr: above 0 the encoder can still "
-                                     "answer the domain classifier at the end of the schedule")
-    grad_clip: float = Field(1.0, gt=0)
+class TokenizerOptim(OptimConfig):
+    """Stage 1's optimizer: the shared `OptimConfig` with stage 1's defaults, and the domain classifier's rate."""
+
+    weight_decay: NonNegativeFloat = 0.05
+    warmup_steps: NonNegativeInt = 100
+    # 0 by default; above 0 the encoder can still answer the domain classifier at the end of the schedule
+    min_lr_ratio: LrFloor = 0.0
     domain_lr_scale: float = Field(
         5.0, gt=0, description="learning-rate multiplier of the domain classifier: a classifier that keeps up with "
                                "the encoder (two time-scale updates) damps the adversarial game's oscillation")
@@ -81,7 +78,7 @@ class TokenizerTrainConfig(StrictModel):
     model: TokenizerModelConfig = TokenizerModelConfig()
     loss: LossConfig = LossConfig()
     text: TextConfig = TextConfig()
-    optim: OptimConfig = OptimConfig()
+    optim: TokenizerOptim = TokenizerOptim()
     batch_size: int = Field(32, ge=1, description="per-rank micro batch")
     steps: int = Field(2000, ge=1)
     checkpoint_every: int = Field(200, ge=1)

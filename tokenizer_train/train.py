@@ -1,7 +1,7 @@
-"""Stage 1 training: `train(cfg, TokenizerInputs(corpus, out), runtime)`, a loop of train_step / checkpoint /
-validate with resume as the first thing it does (torchtitan style). The same code runs in one process, under
-torchrun and inside Ray Train workers: the caller sets up the process group environment (RANK, WORLD_SIZE,
-MASTER_ADDR/PORT) and hands in a `Runtime`.
+"""Stage 1 training: `train(cfg, TokenizerInputs(corpus, out), runtime)`, the loop every stage shares
+(`fmrilm_core.trainer.fit`: train_step / validate / checkpoint) with resume as the first thing it does (torchtitan
+style). The same code runs in one process, under torchrun and inside Ray Train workers: the caller sets up the
+process group environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and hands in a `Runtime`.
 
 This module feeds the engine (`engine.py`: `Stage1`, everything stage 1 trains, and its DeepSpeed engine) from
 the corpus readers and the frozen text side (`TextSide`: the LLM's token embeddings and the caption encoder).
@@ -19,12 +19,13 @@ import torch
 
 from corpus_builder.lineage import stage_lineage
 from corpus_builder.readers import read_reference, roi_network_groups
-from fmrilm_core.checkpoint import config_fingerprint, load_checkpoint, resume_point, save_checkpoint
+from fmrilm_core.checkpoint import config_fingerprint, load_checkpoint, resume_point
 from fmrilm_core.engine import gathered
 from fmrilm_core.errors import InputError
 from fmrilm_core.lineage import write_lineage
 from fmrilm_core.model_card import write_model_card
 from fmrilm_core.runtime import Runtime
+from fmrilm_core.trainer import fit, seed_step
 from tokenizer_train.config import TokenizerTrainConfig
 from tokenizer_train.data import ScanBatches
 from tokenizer_train.engine import Stage1, build_engine, optimize
@@ -92,25 +93,12 @@ def train(cfg: TokenizerTrainConfig, inputs: TokenizerInputs, runtime: Runtime) 
         roi_gradients = read_reference(corpus).gradients
     module = Stage1(cfg, text.captions.dim, roi_gradients, roi_network_groups(corpus), text.caption_mean)
     engine, _ = build_engine(module, cfg)
-    start = 0
-    if latest is not None:
-        start = load_checkpoint(engine, latest)["step"]
+    start = load_checkpoint(engine, latest)["step"] if latest is not None else 0
 
-    metrics: dict[str, float] = {}
-    with runtime.progress("tokenizer: steps", cfg.steps, start) as progress:
-        for step in range(start, cfg.steps):
-            losses = train_step(engine, cfg, text, train_data, step)
-            if runtime.rank == 0 and (step % 10 == 0 or step + 1 == cfg.steps):
-                runtime.log({f"train/{k}": float(v) for k, v in losses.items()} | {"train/lr": engine.get_lr()[0]},
-                            step)
-            done = step + 1
-            progress.update(done, loss=losses["loss"])
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                metrics = validate(engine.module, cfg, text, val_data, step)
-                runtime.log(metrics, step)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(engine, runtime, done, fingerprint,
-                                {f"train/{k}": float(v) for k, v in losses.items()} | metrics)
+    metrics, losses = fit(engine, runtime, name="tokenizer", steps=cfg.steps, start=start,
+                          step=lambda step: train_step(engine, cfg, text, train_data, step),
+                          validate=lambda: validate(engine.module, cfg, text, val_data), fingerprint=fingerprint,
+                          eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
 
     with gathered(engine.module):
         if runtime.rank == 0:
@@ -122,12 +110,13 @@ def train(cfg: TokenizerTrainConfig, inputs: TokenizerInputs, runtime: Runtime) 
                              config=cfg.model_dump(mode="json"))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return metrics | {"final_loss": float(losses["loss"]) if cfg.steps > start else float("nan")}
+    return metrics | {"final_loss": float(losses["loss"]) if losses else float("nan")}
 
 
 def train_step(engine, cfg: TokenizerTrainConfig, text: TextSide, data: ScanBatches, step: int) -> dict:
+    """One optimizer step of stage 1 (`tokenizer_train.engine.optimize`) on batch `step`; the detached losses."""
     # every random draw of a step is seeded by (seed, step, rank): a resumed run repeats it exactly
-    torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + data.rank)
+    seed_step(cfg.seed, step, data.rank)
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + data.rank)
     x, captions, _ = data.batch(step)
     device = engine.device
@@ -138,7 +127,7 @@ def train_step(engine, cfg: TokenizerTrainConfig, text: TextSide, data: ScanBatc
 
 
 @torch.no_grad()
-def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: ScanBatches, step: int,
+def validate(module: Stage1, cfg: TokenizerTrainConfig, text: TextSide, data: ScanBatches,
              max_scans: int = 512) -> dict[str, float]:
     """Reconstruction R^2, codebook usage and perplexity, domain accuracy (the adversary's, a fresh linear
     probe's and a fresh MLP probe's, see `probe_accuracy`), SigLIP loss, retrieval R@1/R@5."""
