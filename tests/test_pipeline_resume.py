@@ -4,34 +4,23 @@ interrupted, and reruns part of itself on request (--from / --only), on the tiny
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.config import load_config
-from cluster.pipeline import (
-    KEY_TAG,
-    OUTPUT_RUN_TAG,
-    STATUS_TAG,
-    PipelineResult,
-    StageResult,
-    checkpoint_step,
-    read_record,
-    run_pipeline,
-    stage_key,
-    stage_modes,
-    summary_table,
-)
-from cluster.tracking import INPUT_RUN_TAG, PARENT_TAG
+from cluster.launch import checkpoint_step
+from fmrilm.config import load_config
+from fmrilm.pipeline import run_pipeline, summary_table
+from fmrilm.runner import KEY_TAG, OUTPUT_RUN_TAG, STATUS_TAG, PipelineResult, read_record, stage_key, stage_modes
+from fmrilm.stage import StageResult
+from fmrilm.tracking import INPUT_RUN_TAG, PARENT_TAG
 from fmrilm_core.errors import InputError
 from fmrilm_core.runtime import LocalRuntime
-from tests.conftest import tiny_sets
+from tests.conftest import FMRILM, tiny_sets
 
 ROOT = Path(__file__).parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
-FMRILM = str(Path(sys.executable).parent / "fmrilm")
 FOLDERS = {"synth": "source", "corpus": "corpus", "tokenizer": "tokenizer", "align": "align", "instruct": "instruct",
            "eval": "eval"}
 LINEAGE = {"corpus": "synth", "tokenizer": "corpus", "align": "tokenizer", "instruct": "align",
@@ -86,7 +75,7 @@ def test_summary_table_has_one_row_per_stage(tmp_path):
 
 
 def test_cli_refuses_an_unknown_stage_in_one_line(tmp_path):
-    proc = subprocess.run([FMRILM, "pipeline", "--only", "nope", "--workdir", str(tmp_path / "w")],
+    proc = subprocess.run([*FMRILM, "pipeline", "--only", "nope", "--workdir", str(tmp_path / "w")],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -129,7 +118,7 @@ def test_cli_prints_one_summary_table(tiny_pipeline, tiny_llm_dir):
     _, _, work = tiny_pipeline
     sets = [arg for item in tiny_sets(tiny_llm_dir) + ["synth.seed=11", "tracking.experiment=cli"]
             for arg in ("--set", item)]
-    proc = subprocess.run([FMRILM, "pipeline", "--config", str(DEMO), *sets, "--workdir", str(work)],
+    proc = subprocess.run([*FMRILM, "pipeline", "--config", str(DEMO), *sets, "--workdir", str(work)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
