@@ -97,7 +97,11 @@ def probe_dashboard(address: str) -> dict[str, str]:
 # ---- the cluster (ray.init) ------------------------------------------------------------------------------------
 
 def _host_port(address: str) -> tuple[str, int] | None:
-    rest = address.split("://", 1)[1] if "://" in address else address
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        rest = address
+    elif scheme != "ray":  # an http:// dashboard is not what ray.init connects to
+        return None
     host, sep, port = rest.rstrip("/").rpartition(":")
     if not sep or not host or not port.isdigit():
         return None

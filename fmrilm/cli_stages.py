@@ -66,7 +66,7 @@ def corpus_build(
     out: Annotated[Path, typer.Option("--out", "-o", help="corpus folder (shards, zarr, manifest, norms)")],
     overwrite: Annotated[bool, typer.Option(help="replace a corpus built with another config")] = False,
     address: Annotated[str | None, typer.Option(
-        help="Ray cluster ('auto' or HOST:PORT); default $RAY_ADDRESS or a local Ray")] = None,
+        help="Ray cluster ('auto' or HOST:PORT), checked first; default $RAY_ADDRESS or a local Ray")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:

@@ -242,6 +242,25 @@ def test_unreachable_address_fails_in_seconds_with_one_line():
         assert out.stderr.startswith(f"error: no Ray dashboard answers at http://127.0.0.1:{port}")
 
 
+def test_corpus_build_probes_its_ray_address_first(tmp_path):
+    """`corpus build --address` (or $RAY_ADDRESS) names a Ray cluster as ray.init takes it: probed like the dashboard
+    above, one line in seconds instead of Ray's minute of connection retries."""
+    port = _free_port()  # nothing listens there
+    args = ["corpus", "build", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "corpus")]
+    for extra, env in ((["--address", f"127.0.0.1:{port}"], _clean_env()),
+                       ([], _clean_env(RAY_ADDRESS=f"127.0.0.1:{port}"))):
+        start = time.monotonic()
+        out = fmrilm(*args, *extra, env=env)
+        assert time.monotonic() - start < 20
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+        assert out.stderr.startswith(f"error: no Ray cluster answers at 127.0.0.1:{port} (")
+    assert not (tmp_path / "corpus").exists()
+    dashboard = fmrilm(*args, "--address", f"http://127.0.0.1:{port}")  # `submit`'s kind of address
+    assert dashboard.returncode == 2
+    assert dashboard.stderr.startswith(f"error: address 'http://127.0.0.1:{port}': give the Ray cluster as HOST:PORT")
+
+
 def test_pseudonym_secret_by_value_is_refused_before_any_connection():
     out = fmrilm("submit", "--address", "http://127.0.0.1:1", "--", "synth", "--out", "/tmp/never",
                  env=_clean_env(FMRILM_PSEUDONYM_KEY="k" * 32))
