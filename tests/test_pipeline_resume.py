@@ -3,6 +3,7 @@ interrupted, and reruns part of itself on request (--from / --only), on the tiny
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -128,6 +129,40 @@ def test_cli_prints_one_summary_table(tiny_pipeline, tiny_llm_dir):
     assert table[1][4] == "8/8" and table[2][4:6] == ["val", "R^2"] and table[3][4:6] == ["val", "F2F"]
     assert table[4][4:7] == ["val", "answer", "loss"]
     assert "eval (test split)" in proc.stdout and "fc_baseline" in proc.stdout  # the eval stage's table follows
+
+
+def test_a_size_set_explicitly_must_agree_with_the_corpus(tiny_pipeline, tiny_llm_dir, tmp_path):
+    """N and T come from the corpus (12 ROIs, 32 volumes here) unless the config sets them: then they must agree,
+    or the tokenizer stage fails in one line naming the key, its value and the corpus's size, before any work."""
+    from fmrilm.ablations import variant_config
+    from fmrilm.stages import with_corpus_sizes
+
+    _, _, work = tiny_pipeline
+    corpus = work / "corpus"
+    read = with_corpus_sizes(load_config(None), corpus).tokenizer.model
+    assert (read.n_rois, read.length) == (12, 32)
+    agreeing = load_config(None, ["tokenizer.model.n_rois=12", "tokenizer.model.length=32"])
+    assert with_corpus_sizes(agreeing, corpus) is agreeing
+    with pytest.raises(InputError, match=r"^tokenizer\.model\.n_rois=450 disagrees with the corpus "
+                                         + re.escape(str(corpus)) + r", which has 12 ROIs \(leave tokenizer"):
+        with_corpus_sizes(load_config(None, ["tokenizer.model.n_rois=450"]), corpus)
+    yaml_file = tmp_path / "sizes.yaml"
+    yaml_file.write_text("tokenizer:\n  model:\n    length: 160\n")
+    with pytest.raises(InputError, match="tokenizer.model.length=160 disagrees .* 32 volumes per scan"):
+        with_corpus_sizes(load_config(yaml_file), corpus)
+    # an ablation variant leaves unset what the main config left unset: its sizes still come from the corpus
+    variant = variant_config(load_config(None, ["tokenizer.model.dim=8"]), "v", ["tokenizer.steps=3"])
+    assert with_corpus_sizes(variant, corpus).tokenizer.model.n_rois == 12
+
+    sets = [arg for item in tiny_sets(tiny_llm_dir) + [f"workdir={tmp_path / 'w'}", "tokenizer.model.n_rois=450"]
+            for arg in ("--set", item)]
+    proc = subprocess.run([*FMRILM, "tokenizer", "train", "--corpus", str(corpus), "--out", str(tmp_path / "tok"),
+                           *sets], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: tokenizer.model.n_rois=450 disagrees with the corpus {corpus}, which has 12 ROIs (leave "
+        "tokenizer.model.n_rois unset to take the corpus's)"]
+    assert not (tmp_path / "tok").exists() and not (tmp_path / "w").exists()  # refused before anything was written
 
 
 # ---- on a workdir of their own (slow: a full tiny pipeline, then partial reruns) ---------------------------
