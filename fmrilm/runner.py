@@ -165,7 +165,7 @@ def run_stages(runner: StageRunner, stages: Iterable[Stage], cfg: PipelineConfig
         inputs = {name: records[name] for name in needs.values()}
         paths = {arg: Path(records[name]["output"]) for arg, name in needs.items()}
         lineage = list(needs.values())[-1] if needs else None
-        ctx = StageContext(stage.name, stage.prepare(cfg, paths), stage.out(root), paths, runner.tracker,
+        ctx = StageContext(stage.name, stage.prepare(cfg, paths), stage.folder_in(root), paths, runner.tracker,
                            runner.parent, inputs[lineage]["run_id"] if lineage else None, runner.progress)
         config = stage.key(ctx.cfg)
         main = (shared or {}).get(stage.name)

@@ -111,7 +111,8 @@ class Stage:
         """The stage whose run its lineage tag names: the last input."""
         return list(self.inputs.values())[-1] if self.inputs else None
 
-    def out(self, root: Path) -> Path:
+    def folder_in(self, root: Path) -> Path:
+        """Its output folder under a workdir (or an ablation variant's folder)."""
         return Path(root) / (self.folder or self.name)
 
 
