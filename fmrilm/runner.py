@@ -148,14 +148,15 @@ class StageRunner:
 def run_stages(runner: StageRunner, stages: Iterable[Stage], cfg: PipelineConfig, root: Path,
                records: dict[str, dict] | None = None, *, shared: dict[str, dict] | None = None
                ) -> tuple[dict[str, dict], PipelineConfig]:
-    """Each of `stages` in order into `root`/<its folder>, as the runner's modes say (an omitted stage is left out).
+    """Each of `stages` in order into `root`/<its folder>, as the runner's modes say (a stage without a mode, or
+    omitted, is left out).
     `records`: the records of stages run before (name -> record). Returns every record, each with "output" (what
     the stage hands on), and the config the stages left (a stage's `configures`).
     `shared`: the main pipeline's records, for an ablation variant: a stage whose key equals the main one's (same
     config section, same inputs) is the main stage's output, read as it is instead of run again."""
     records = dict(records or {})
     for stage in stages:
-        mode = runner.modes.get(stage.name, "auto")
+        mode = runner.modes.get(stage.name, "omit")  # a stage this config does not run has no mode
         if mode == "omit":
             continue
         missing = [name for name in stage.inputs.values() if name not in records and name in runner.modes]

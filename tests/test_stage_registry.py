@@ -4,6 +4,7 @@ built-in ones; one added to the built-in registry runs between the real stages o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fmrilm.runner import KEY_TAG, OUTPUT_RUN_TAG, STATUS_TAG, read_record
 from fmrilm.stage import Registry, Stage, StageContext, StageResult
 from fmrilm.stages import REGISTRY
 from fmrilm.tracking import INPUT_RUN_TAG, PARENT_TAG
+from fmrilm_core.errors import InputError
 from tests.conftest import tiny_sets
 
 DEMO = Path(__file__).parents[1] / "configs" / "demo.yaml"
@@ -131,6 +133,28 @@ def test_the_registry_keeps_readers_after_what_they_read():
             registry.remove("numbers")
     assert registry.names() == ["numbers"]
     assert REGISTRY.names() == ["synth", "corpus", "tokenizer", "align", "instruct", "eval"]
+
+
+def read_what_is_there(ctx: StageContext) -> StageResult:
+    with ctx.run() as run:
+        (ctx.out / "seen.json").write_text(json.dumps(sorted(ctx.inputs)))
+        return StageResult(ctx.name, ctx.out, run.run_id, {"inputs": len(ctx.inputs)})
+
+
+def test_a_stage_this_config_does_not_run_is_left_out_and_its_readers_go_without(tmp_path):
+    """As synth is left out when the corpus has sources of its own, and the corpus then reads those."""
+    optional = dataclasses.replace(NUMBERS, applies=lambda cfg: cfg.seed == 0)
+    reader = Stage(name="reader", inputs={"numbers": "numbers"}, key=lambda cfg: {"seed": cfg.seed},
+                   run=read_what_is_there, done=lambda ctx: (ctx.out / "seen.json").is_file())
+    registry = Registry([optional, reader])
+    without = run_pipeline(load_config(None, ["seed=1"]), tmp_path / "without", registry=registry)
+    assert statuses(without) == {"reader": "ran"} and without.stages[0].summary == {"inputs": 0}
+    assert not (tmp_path / "without" / "source").exists()
+    with pytest.raises(InputError, match="--only numbers: not a stage of this config"):
+        run_pipeline(load_config(None, ["seed=1"]), tmp_path / "without", registry=registry, only="numbers")
+    with_it = run_pipeline(load_config(None, ["seed=0"]), tmp_path / "with", registry=registry)
+    assert statuses(with_it) == {"numbers": "ran", "reader": "ran"} and with_it.stages[1].summary == {"inputs": 1}
+    assert read_record(tmp_path / "with" / "reader")["input_run_id"] == with_it.stages[0].run_id
 
 
 # ---- one toy stage added to the built-in registry, over the shared finished tiny pipeline ---------------------
