@@ -56,11 +56,11 @@ def run_baseline(source: Path, workers: int) -> dict:
 
     import pandas as pd
 
-    from cluster.config import load_config
     from corpus_builder.atlas import roi_table
     from corpus_builder.extraction import discover_all
     from corpus_builder.norms import fit_reference
     from corpus_builder.splits import assign_splits
+    from fmrilm.config import load_config
 
     cfg = load_config(None, []).corpus
     for thread_env in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -111,7 +111,7 @@ def run_build(source: Path, out: Path, workers: int, shard_size: int) -> dict:
     import ray
 
     import corpus_builder.build as build
-    from cluster.config import load_config
+    from fmrilm.config import load_config
 
     cfg = load_config(None, [f"corpus.build.workers={workers}", f"corpus.build.shard_size={shard_size}"]).corpus
     clock: dict[str, float] = {}

@@ -22,8 +22,10 @@ import argparse
 import json
 from pathlib import Path
 
-from cluster.config import load_config
-from cluster.pipeline import run_corpus_build, run_llm_align, run_synth, run_tokenizer_train, tracker_for
+from fmrilm.config import load_config
+from fmrilm.stage import run_stage
+from fmrilm.stages import REGISTRY, run_corpus_build, run_synth
+from fmrilm.tracking import tracker_for
 
 ROWS = [  # (label, key, its comparison)
     ("F2F accuracy", "f2f_accuracy", None),
@@ -110,7 +112,7 @@ def main() -> None:
             run_cfg = cfg.model_copy(deep=True)
             if not domain:
                 run_cfg.tokenizer.loss.domain = 0.0
-            run_tokenizer_train(run_cfg, corpus, out, tracker)
+            run_stage(REGISTRY["tokenizer"], run_cfg, out, tracker, {"corpus": corpus})
         return out / "tokenizer"
 
     results = {}
@@ -120,7 +122,8 @@ def main() -> None:
             run_cfg = cfg.model_copy(deep=True)
             if name == "features":
                 run_cfg.align.input_mode = "features"
-            result = run_llm_align(run_cfg, corpus, tokenizer(name != "domain0"), out, tracker)
+            result = run_stage(REGISTRY["align"], run_cfg, out, tracker,
+                               {"corpus": corpus, "tokenizer": tokenizer(name != "domain0")})
             print(f"{name}: {json.dumps(result.summary)}  (MLflow run {result.run_id})", flush=True)
             (out / "curve.json").write_text(json.dumps(learning_curve(tracker, result.run_id), indent=1))
         if (out / "metrics.json").is_file():

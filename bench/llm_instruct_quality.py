@@ -25,8 +25,10 @@ import argparse
 import json
 from pathlib import Path
 
-from cluster.config import load_config
-from cluster.pipeline import run_eval, run_llm_instruct, tracker_for
+from fmrilm.config import load_config
+from fmrilm.stage import run_stage
+from fmrilm.stages import REGISTRY, run_eval
+from fmrilm.tracking import tracker_for
 
 
 def auc(metrics: dict, task: str, protocol: str) -> float | None:
@@ -59,7 +61,7 @@ def main() -> None:
         raise SystemExit(f"{aligned}: no stage-2 model; run bench/llm_align_quality.py --runs tokens first")
     tuned3 = workdir / "instruct-tokens"
     if not (tuned3 / "brain.json").is_file():
-        result = run_llm_instruct(cfg, aligned, corpus, tuned3, tracker)
+        result = run_stage(REGISTRY["instruct"], cfg, tuned3, tracker, {"model": aligned, "corpus": corpus})
         print(f"instruct: {json.dumps(result.summary)}  (MLflow run {result.run_id})", flush=True)
     evaluated = {}
     single = cfg.model_copy(deep=True)

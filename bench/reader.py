@@ -29,9 +29,9 @@ from corpus_builder.readers import READ_BUFFER, shard_urls, torch_dataset  # noq
 
 
 def build(workdir: Path, scans: int) -> Path:
-    from cluster.config import load_config
     from corpus_builder.build import build_corpus
     from corpus_builder.synth import synthesize
+    from fmrilm.config import load_config
 
     corpus = workdir / f"corpus-{scans}"
     if (corpus / "summary.json").exists():

@@ -19,8 +19,10 @@ import argparse
 import json
 from pathlib import Path
 
-from cluster.config import load_config
-from cluster.pipeline import run_corpus_build, run_synth, run_tokenizer_train, tracker_for
+from fmrilm.config import load_config
+from fmrilm.stage import run_stage
+from fmrilm.stages import REGISTRY, run_corpus_build, run_synth
+from fmrilm.tracking import tracker_for
 
 TARGETS = {
     "reconstruction_r2": ("> 0.1", lambda m: m["reconstruction_r2"] > 0.1),
@@ -60,7 +62,7 @@ def main() -> None:
                 raise SystemExit(f"{out} exists: remove it to train again (a rerun would resume the finished run)")
             run_cfg = cfg.model_copy(deep=True)
             run_cfg.tokenizer.loss.contrastive = contrastive
-            result = run_tokenizer_train(run_cfg, corpus, out, tracker)
+            result = run_stage(REGISTRY["tokenizer"], run_cfg, out, tracker, {"corpus": corpus})
             print(f"{name}: {json.dumps(result.summary)}  (MLflow run {result.run_id})", flush=True)
         if (out / "metrics.json").is_file():
             results[name] = json.loads((out / "metrics.json").read_text())

@@ -2,7 +2,7 @@
 and follow, inspect or stop it afterwards.
 
 A job carries the project folder (code and configs; not `runs/`, `.venv/`, `.git/`, MLflow stores or caches) as
-its working dir and runs `python -m cluster.cli <command>` there, with the head node's `python`. That runs the
+its working dir and runs `python -m fmrilm.cli <command>` there, with the head node's `python`. That runs the
 code you submitted, not whatever copy of the project a node has installed; the nodes only need the project's
 dependencies on that `python` (activate the environment before `ray start`, or bake it into the image). Paths in
 the command are paths on the cluster: a relative one lands in the job's temporary copy of the project.
@@ -11,10 +11,9 @@ Environment passed to the job: MLFLOW_TRACKING_URI when set here, FMRILM_PSEUDON
 the cluster: the secret itself never travels, so FMRILM_PSEUDONYM_KEY set by value is refused), `--env` pairs,
 and the log-quieting variables of `cluster.logs`.
 
-Before building Ray's client, the dashboard is probed with a short timeout, so a wrong address is a one-line
-error in seconds, not a long connection retry. A cluster that asks for a Ray auth token (Ray 2.52+ token
-authentication) gets the one Ray's own tools would use: RAY_AUTH_TOKEN, else the file at RAY_AUTH_TOKEN_PATH,
-else ~/.ray/auth_token.
+Before building Ray's client, the dashboard is probed with a short timeout (`cluster.address`, which also finds
+the auth token a cluster asks for), so a wrong address is a one-line error in seconds, not a long connection retry.
+This module starts the job; what the job runs is the `fmrilm` entry package's CLI, named here, never imported.
 """
 
 from __future__ import annotations
@@ -25,13 +24,12 @@ import os
 import shlex
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from cluster.address import probe_dashboard, resolve_address
 from cluster.logs import QUIET_ENV, verbose
 from fmrilm_core.errors import InputError
 
@@ -39,8 +37,7 @@ if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-PROBE_TIMEOUT_S = 3.0
+ENTRY_MODULE = "fmrilm.cli"  # what a job runs: `python -m fmrilm.cli <command>`
 
 # gitignore-style patterns Ray leaves out of the uploaded working dir (it also honours the project's .gitignore)
 EXCLUDES = ["runs/", ".venv/", "venv/", ".git/", "mlruns/", "mlartifacts/", "*.db", "__pycache__/", "*.pyc",
@@ -50,68 +47,6 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "FMRILM_PSEUDONYM_KEY_FILE", "FMRILM_DEB
 KEY_ENV, KEY_FILE_ENV = "FMRILM_PSEUDONYM_KEY", "FMRILM_PSEUDONYM_KEY_FILE"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _OUTPUT_OPTIONS = ("--out", "-o", "--workdir")
-
-
-def resolve_address(address: str | None = None) -> str:
-    """The dashboard URL: `address`, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else the local default;
-    HOST:PORT gets http:// in front."""
-    raw = (address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
-           or DEFAULT_ADDRESS).strip()
-    if raw == "auto" or raw.startswith("ray://"):
-        raise InputError(f"address {raw!r}: give the Ray dashboard's HTTP address, e.g. http://HEAD:8265")
-    if "://" not in raw:
-        raw = f"http://{raw}"
-    if not raw.startswith(("http://", "https://")):
-        raise InputError(f"address {raw!r}: give the Ray dashboard's HTTP address, e.g. http://HEAD:8265")
-    return raw.rstrip("/")
-
-
-def ray_auth_token() -> tuple[str, str] | None:
-    """(token, where it came from), looked up where Ray's own tools look, or None."""
-    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
-    candidates = [("RAY_AUTH_TOKEN_PATH", os.environ.get("RAY_AUTH_TOKEN_PATH")),
-                  ("~/.ray/auth_token", str(Path.home() / ".ray" / "auth_token"))]
-    for source, path in candidates:
-        if path and Path(path).is_file():
-            token = Path(path).read_text().strip()
-            if token:
-                return token, source if source.startswith("~") else f"{source}={path}"
-    return None
-
-
-def _probe_once(address: str, headers: dict[str, str]) -> int:
-    """HTTP status of GET /api/version; InputError when nothing answers in time."""
-    request = urllib.request.Request(f"{address}/api/version", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise InputError(f"no Ray dashboard answers at {address} ({reason}); is the cluster up, and is this the "
-                         "dashboard address (http://HEAD:8265)?") from None
-
-
-def probe(address: str) -> dict[str, str]:
-    """Check within seconds that a Ray dashboard answers at `address`; returns the HTTP headers its Jobs API
-    needs (an auth token when the cluster asks for one)."""
-    status = _probe_once(address, {})
-    headers: dict[str, str] = {}
-    if status == 401:
-        found = ray_auth_token()
-        if found is None:
-            raise InputError(f"the Ray cluster at {address} requires an auth token: set RAY_AUTH_TOKEN_PATH (or "
-                             "RAY_AUTH_TOKEN) to the cluster's token")
-        token, source = found
-        headers = {"Authorization": f"Bearer {token}"}
-        status = _probe_once(address, headers)
-        if status in (401, 403):
-            raise InputError(f"the Ray cluster at {address} rejected the auth token from {source}")
-    if status != 200:
-        raise InputError(f"{address}/api/version answered HTTP {status}: not a Ray dashboard?")
-    return headers
 
 
 @contextmanager
@@ -134,7 +69,7 @@ def connect(address: str | None = None) -> JobSubmissionClient:
     from ray.job_submission import JobSubmissionClient
 
     url = resolve_address(address)
-    headers = probe(url)
+    headers = probe_dashboard(url)
     if not verbose():  # Ray's per-request INFO lines (levels set at its import, so here),
         for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
                      "ray._private.runtime_env.packaging"):
@@ -180,13 +115,13 @@ def runtime_env(extra_env: dict[str, str] | None = None, project_root: Path = PR
 
 
 def entrypoint(command: list[str]) -> str:
-    """The shell line a job runs: `python -m cluster.cli <command>` (a leading `fmrilm` is dropped)."""
+    """The shell line a job runs: `python -m fmrilm.cli <command>` (a leading `fmrilm` is dropped)."""
     args = list(command)
     if args and args[0] == "fmrilm":
         args = args[1:]
     if not args:
         raise InputError("give the fmrilm command to run after --, e.g. fmrilm submit -- pipeline --config C")
-    return shlex.join(["python", "-m", "cluster.cli", *args])
+    return shlex.join(["python", "-m", ENTRY_MODULE, *args])
 
 
 def relative_outputs(command: list[str]) -> list[str]:

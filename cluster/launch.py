@@ -2,34 +2,42 @@
 
 A stage is a plain function `train(cfg, inputs, runtime)` whose typed `inputs` (a small dataclass of the stage:
 `TokenizerInputs`, `AlignInputs`, ...) name what it reads and its output folder `inputs.out`; one generic
-`run_training` runs any of them and supplies the runtime:
+`run_training` runs any of them and supplies the runtime, its checkpoints laid out under `inputs.out` (`checkpoint_step`
+reads that layout):
 - `LocalRuntime` (fmrilm_core.runtime): checkpoints in a shared folder, rank-0 logging; used in-process and
   by every rank under `torchrun` (which sets RANK / WORLD_SIZE / MASTER_ADDR for DeepSpeed);
 - `RayTrainRuntime`: checkpoints through `ray.train.report` into the run's `storage_path`, resume from
   `ray.train.get_checkpoint()` (so a restarted worker group picks up the last checkpoint), metrics straight to
   MLflow from rank 0.
+
+What a run logs and how it shows progress come from the caller (`log_fn`, `progress_fn`): this module knows
+nothing of MLflow or of the command line, and imports nothing of the `fmrilm` entry package.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.tracking import Tracker
 from fmrilm_core.runtime import COMPLETE, LocalRuntime
+
+CHECKPOINTS = "checkpoints"  # in the output folder: an in-process run's checkpoints (one folder per step)
+STORAGE = "ray"  # in the output folder: Ray Train's storage (checkpoint_<n> folders per run)
+LogFn = Callable[[dict[str, float], int], None]
 
 
 class RayTrainRuntime(LocalRuntime):
     """LocalRuntime's logging and checkpoint folders (in a worker-local temp dir), but checkpoints are reported
     to Ray Train, which merges every rank's files in the run's storage, and resume comes from Ray."""
 
-    def __init__(self, log_fn: Callable[[dict[str, float], int], None] | None):
+    def __init__(self, log_fn: LogFn | None, progress_fn=None):
         import ray.train
 
-        super().__init__(Path(tempfile.mkdtemp(prefix="fmrilm-ckpt-")), log_fn, progress_fn=step_reporter)
+        super().__init__(Path(tempfile.mkdtemp(prefix="fmrilm-ckpt-")), log_fn, progress_fn=progress_fn)
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -48,35 +56,16 @@ class RayTrainRuntime(LocalRuntime):
         return Path(checkpoint.to_directory()) if checkpoint is not None else None
 
 
-def step_reporter(stage: str, total: int, start: int, rank: int):
-    from cluster.progress import StepReporter
-
-    return StepReporter(stage, total=total, start=start, rank=rank)
-
-
-def mlflow_logger(tracker: Tracker, run_id: str | None) -> Callable[[dict[str, float], int], None] | None:
-    """A picklable-enough logging function for workers: opens its own client on the same store."""
-    if run_id is None:
-        return None
-    uri = tracker.uri
-
-    def log(metrics: dict[str, float], step: int) -> None:
-        from mlflow.tracking import MlflowClient
-
-        from cluster.tracking import StageRun
-
-        clean = {k.replace("@", "_at_"): v for k, v in metrics.items()}
-        StageRun(MlflowClient(uri), run_id).log_metrics(clean, step)
-
-    return log
-
-
-def run_training(train_fn, cfg, inputs, *, workers: int, log_fn, storage: Path, name: str,
-                 max_failures: int = 2) -> dict:
+def run_training(train_fn, cfg, inputs, *, workers: int, log_fn: LogFn | None, name: str,
+                 storage: Path | None = None, progress_fn=None, max_failures: int = 2) -> dict:
     """Run `train_fn(cfg, inputs, runtime)` in-process (workers == 0; checkpoints in `inputs.out/checkpoints`) or
-    on `workers` Ray Train workers (a failed worker group restarts from the last checkpoint, `max_failures` times)."""
+    on `workers` Ray Train workers (Ray's storage in `storage`, default `inputs.out/ray`; a failed worker group
+    restarts from the last checkpoint, `max_failures` times). `log_fn(metrics, step)` logs from rank 0,
+    `progress_fn(stage, total, start, rank)` makes a training loop's progress reporter (a picklable function: it
+    travels to the workers)."""
     if workers == 0:
-        return train_fn(cfg, inputs, LocalRuntime(Path(inputs.out) / "checkpoints", log_fn, progress_fn=step_reporter))
+        return train_fn(cfg, inputs, LocalRuntime(Path(inputs.out) / CHECKPOINTS, log_fn, progress_fn=progress_fn))
+    storage = Path(inputs.out) / STORAGE if storage is None else storage
 
     import ray
     import torch
@@ -92,7 +81,7 @@ def run_training(train_fn, cfg, inputs, *, workers: int, log_fn, storage: Path, 
         from cluster.logs import quiet_third_party
 
         quiet_third_party()  # a worker is a fresh process: the CLI's start-up quieting did not run there
-        train_fn(cfg, inputs, RayTrainRuntime(log_fn))  # the last checkpoint report carries the metrics
+        train_fn(cfg, inputs, RayTrainRuntime(log_fn, progress_fn))  # the last checkpoint report carries the metrics
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
@@ -107,3 +96,19 @@ def run_training(train_fn, cfg, inputs, *, workers: int, log_fn, storage: Path, 
     )
     result = trainer.fit()
     return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def checkpoint_step(out: Path) -> int | None:
+    """The step of the latest complete checkpoint `run_training` left under the output folder `out` (its local
+    `checkpoints/`, or Ray Train's storage `ray/`), None when there is none."""
+    from fmrilm_core.checkpoint import CLIENT_STATE
+
+    out, steps = Path(out), []
+    states = [*out.glob(f"{CHECKPOINTS}/step_*/{CLIENT_STATE}"), *out.glob(f"{STORAGE}/*/checkpoint_*/{CLIENT_STATE}")]
+    for state in states:
+        if (state.parent / COMPLETE).exists():
+            try:
+                steps.append(int(json.loads(state.read_text())["step"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return max(steps, default=None)

@@ -60,6 +60,7 @@ from corpus_builder.splits import assign_splits
 from fmrilm_core.errors import InputError
 
 COMPLETE = "complete.json"  # written last by a finished build
+STARTED = "build.json"  # written first (the build's inputs): with no COMPLETE beside it, a build was interrupted
 
 
 def config_fingerprint(cfg: CorpusConfig, specs: list[str]) -> str:
@@ -130,7 +131,7 @@ def finished_build(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0
         return None
     if record.get("fingerprint") != config_fingerprint(cfg, specs) or record.get("seed") != seed:
         return None
-    outputs = ["build.json", "manifest.parquet", "norms.json", "rois.tsv", "reference.npz", "summary.json",
+    outputs = [STARTED, "manifest.parquet", "norms.json", "rois.tsv", "reference.npz", "summary.json",
                "timeseries.zarr/zarr.json"]
     outputs += [f"shards/{name}{suffix}" for name in record.get("shards", [])
                 for suffix in (".tar", "_stats.json", "_manifest.parquet")]
@@ -155,7 +156,7 @@ def identity_of(specs: list[str]) -> dict:
 def _prepare_out(out: Path, inputs: dict, overwrite: bool) -> None:
     """Keep `out` to resume it when it was started from the same inputs (config, seed, source files: a key
     recorded by an older build is not compared), else refuse it unless `overwrite`."""
-    build_file = out / "build.json"
+    build_file = out / STARTED
     if build_file.exists():
         previous = json.loads(build_file.read_text())
         if previous.get("fingerprint") != inputs["fingerprint"]:
@@ -214,7 +215,7 @@ def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, 
               "source_files": source_fingerprint(specs, cfg, out)}
     _prepare_out(out, inputs, overwrite)
     (out / COMPLETE).unlink(missing_ok=True)  # a resumed build is not complete until it ends
-    (out / "build.json").write_text(json.dumps(inputs | {"sources": specs}, indent=1))
+    (out / STARTED).write_text(json.dumps(inputs | {"sources": specs}, indent=1))
     cfg = cfg.model_copy(update={"source": sources.with_roi_count(records, cfg.source)})  # N from the data if unset
 
     table = pd.DataFrame({"key": [r.key for r in records], "subject": [r.subject for r in records],

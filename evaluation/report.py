@@ -267,7 +267,7 @@ def regression_figures(name: str, entry: dict, preds: dict) -> list[tuple[str, s
 
 def ablation_rows(summary: dict) -> list[tuple[str, str, str, list[float | None]]]:
     """(task, protocol, metric, the headline figure of every variant in `summary` order) per task x protocol of
-    an ablation summary (`cluster.ablations`); shared by the report and the terminal table."""
+    an ablation summary (`fmrilm.ablations`); shared by the report and the terminal table."""
     names = list(summary)
     keys = sorted({(task, protocol) for v in summary.values() for task, protocols in v["figures"].items()
                    for protocol in protocols})
@@ -276,7 +276,7 @@ def ablation_rows(summary: dict) -> list[tuple[str, str, str, list[float | None]
 
 
 def ablation_section(summary: dict) -> str:
-    """The ablation variants side by side (`cluster.ablations`): per task x protocol, the headline figure of each."""
+    """The ablation variants side by side (`fmrilm.ablations`): per task x protocol, the headline figure of each."""
     head = "".join(f"<th>{html.escape(n)}</th>" for n in summary)
     body = [f'<tr><td class="l">{html.escape(task)}</td><td class="l">{html.escape(protocol)}</td>'
             f'<td class="l">{metric}</td>' + "".join(f"<td>{_fmt(v)}</td>" for v in values) + "</tr>"

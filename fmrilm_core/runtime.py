@@ -59,7 +59,7 @@ class _Silent:
 
 class LocalRuntime:
     """Checkpoints in `root/step_NNNNNN/`, kept `keep` deep; logs through `log_fn` on rank 0 only; loop progress
-    through `progress_fn(stage, total, start, rank)` (e.g. cluster's StepReporter), silent without one."""
+    through `progress_fn(stage, total, start, rank)` (e.g. fmrilm.progress's StepReporter), silent without one."""
 
     def __init__(self, root: Path, log_fn: Callable[[dict[str, float], int], None] | None = None, keep: int = 2,
                  progress_fn: Callable[[str, int, int, int], StepProgress] | None = None):

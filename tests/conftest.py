@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
+from fmrilm.config import load_config
 from fmrilm_core.runtime import LocalRuntime
+
+# The `fmrilm` command of this checkout (the console script of an installed copy may name another checkout's code).
+FMRILM = [sys.executable, "-m", "fmrilm.cli"]
 
 # A small but real pipeline: 8 subjects (so train, val and test each get one: splits deal subjects out per
 # dataset and diagnosis), 12 ROIs, short scans, T = 32.
@@ -65,7 +69,7 @@ def tiny_pipeline(tmp_path_factory, tiny_llm_dir):
     tests that inspect it."""
     import ray
 
-    from cluster.pipeline import run_pipeline
+    from fmrilm.pipeline import run_pipeline
 
     work = tmp_path_factory.mktemp("pipeline") / "work"
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml",

@@ -27,11 +27,11 @@ import ray
 import webdataset as wds
 import zarr
 
-from cluster.config import load_config
 from corpus_builder.build import build_corpus, finished_build
 from corpus_builder.config import SynthConfig
 from corpus_builder.extraction import discover_all
 from corpus_builder.synth import synthesize
+from fmrilm.config import load_config
 from fmrilm_core.errors import InputError
 
 REPO = Path(__file__).parents[1]
@@ -200,7 +200,7 @@ import json, sys, time
 from pathlib import Path
 import ray
 import corpus_builder.build as build
-from cluster.config import load_config
+from fmrilm.config import load_config
 
 phase, source, out, overrides = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
 task = getattr(build, phase + "_shard")
@@ -304,7 +304,8 @@ def _no_discovery(*args, **kwargs):
 
 def test_finished_corpus_is_returned_without_discovery_or_ray(cohort, corpus, tmp_path, monkeypatch):
     import corpus_builder.build as build
-    from cluster.pipeline import run_corpus_build, tracker_for
+    from fmrilm.stages import run_corpus_build
+    from fmrilm.tracking import tracker_for
 
     summary = corpus[1]
     out = tmp_path / "corpus"  # a copy: the run below writes its resolved config into the corpus folder

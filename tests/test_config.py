@@ -1,15 +1,14 @@
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cluster.config import ConfigError, flatten, load_config, save_resolved
+from fmrilm.config import ConfigError, flatten, load_config, save_resolved
+from tests.conftest import FMRILM
 
 ROOT = Path(__file__).parents[1]
-FMRILM = str(Path(sys.executable).parent / "fmrilm")
 
 
 def write(tmp_path, text):
@@ -90,21 +89,21 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_cli_rejects_bad_config_with_one_line(tmp_path):
     path = write(tmp_path, "synth:\n  subjects: many\n")
-    proc = subprocess.run([FMRILM, "config", "--config", str(path)], capture_output=True, text=True)
+    proc = subprocess.run([*FMRILM, "config", "--config", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "synth.subjects" in lines[0] and str(path) in lines[0]
 
 
 def test_cli_config_prints_overrides(tmp_path):
-    proc = subprocess.run([FMRILM, "config", "--set", "synth.subjects=9"], capture_output=True, text=True,
+    proc = subprocess.run([*FMRILM, "config", "--set", "synth.subjects=9"], capture_output=True, text=True,
                           check=True)
     assert yaml.safe_load(proc.stdout)["synth"]["subjects"] == 9
 
 
 def test_paper_scale_config_validates_with_fmrilm_config():
     path = ROOT / "configs" / "ukb_abcd.yaml"
-    proc = subprocess.run([FMRILM, "config", "--config", str(path)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([*FMRILM, "config", "--config", str(path)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
     cfg = load_config(path)

@@ -331,7 +331,7 @@ def test_report_renders_offline_in_headless_chromium_with_every_image_loaded(eva
 def _fmrilm(*args: str):
     from typer.testing import CliRunner
 
-    from cluster.cli import app
+    from fmrilm.cli import app
 
     return CliRunner().invoke(app, list(args))
 
@@ -631,9 +631,9 @@ def test_eval_refuses_the_corpus_rebuilt_with_another_seed_and_scores_an_externa
                                                                                                 tmp_path):
     import ray
 
-    from cluster.config import load_config
     from corpus_builder.build import build_corpus
     from evaluation.task_eval import evaluate_tasks
+    from fmrilm.config import load_config
 
     cfg = load_config(None, ["corpus.source.cleaning.length=32", f"corpus.source.atlas.n_rois={N_ROIS}",
                              "corpus.build.shard_size=8", "corpus.build.workers=2",

@@ -59,7 +59,7 @@ def test_rayjob_has_what_kuberay_needs():
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     assert job["metadata"]["name"] == "fmrilm-test"
     spec = job["spec"]
-    assert "python -m cluster.cli pipeline --config configs/ukb_abcd.yaml" in spec["entrypoint"]
+    assert "python -m fmrilm.cli pipeline --config configs/ukb_abcd.yaml" in spec["entrypoint"]
     assert "--workdir /shared/runs/fmrilm-test" in spec["entrypoint"]  # outputs on the shared volume
     assert spec["shutdownAfterJobFinishes"] is True
     cluster = spec["rayClusterSpec"]

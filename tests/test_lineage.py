@@ -18,8 +18,8 @@ def cohorts(tmp_path_factory):
     """One synthetic source built twice (split seeds 0 and 1) and another cohort with another pseudonym secret."""
     import ray
 
-    from cluster.config import load_config
     from corpus_builder.build import build_corpus
+    from fmrilm.config import load_config
 
     root = tmp_path_factory.mktemp("lineage")
     first = tiny_cohort(root / "a", subjects=16, fractions="[0.5,0.2,0.3]", secret="a" * 64)

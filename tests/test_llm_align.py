@@ -160,7 +160,7 @@ def test_align_trains_measures_and_saves_a_stock_loadable_model(stage1, llm_dir,
 
     key = split_keys(corpus, "val")[0]
     scan_file = sorted((corpus.parent / "src").rglob("*_timeseries.npy"))[0]
-    fmrilm = [sys.executable, "-m", "cluster.cli", "ask", "--model", str(out), "--max-new-tokens", "6"]
+    fmrilm = [sys.executable, "-m", "fmrilm.cli", "ask", "--model", str(out), "--max-new-tokens", "6"]
     for where in (["--scan", key, "--corpus", str(corpus)], ["--scan", str(scan_file)]):
         done = subprocess.run(fmrilm + where + ["Describe this scan."], capture_output=True, text=True, timeout=300,
                               cwd=Path(__file__).parents[1])

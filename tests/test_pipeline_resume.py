@@ -3,35 +3,25 @@ interrupted, and reruns part of itself on request (--from / --only), on the tiny
 
 from __future__ import annotations
 
+import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.config import load_config
-from cluster.pipeline import (
-    KEY_TAG,
-    OUTPUT_RUN_TAG,
-    STATUS_TAG,
-    PipelineResult,
-    StageResult,
-    checkpoint_step,
-    read_record,
-    run_pipeline,
-    stage_key,
-    stage_modes,
-    summary_table,
-)
-from cluster.tracking import INPUT_RUN_TAG, PARENT_TAG
+from cluster.launch import checkpoint_step
+from fmrilm.config import load_config
+from fmrilm.pipeline import run_pipeline, summary_table
+from fmrilm.runner import KEY_TAG, OUTPUT_RUN_TAG, STATUS_TAG, PipelineResult, read_record, stage_key, stage_modes
+from fmrilm.stage import StageResult
+from fmrilm.tracking import INPUT_RUN_TAG, PARENT_TAG
 from fmrilm_core.errors import InputError
 from fmrilm_core.runtime import LocalRuntime
-from tests.conftest import tiny_sets
+from tests.conftest import FMRILM, tiny_sets
 
 ROOT = Path(__file__).parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
-FMRILM = str(Path(sys.executable).parent / "fmrilm")
 FOLDERS = {"synth": "source", "corpus": "corpus", "tokenizer": "tokenizer", "align": "align", "instruct": "instruct",
            "eval": "eval"}
 LINEAGE = {"corpus": "synth", "tokenizer": "corpus", "align": "tokenizer", "instruct": "align",
@@ -86,7 +76,7 @@ def test_summary_table_has_one_row_per_stage(tmp_path):
 
 
 def test_cli_refuses_an_unknown_stage_in_one_line(tmp_path):
-    proc = subprocess.run([FMRILM, "pipeline", "--only", "nope", "--workdir", str(tmp_path / "w")],
+    proc = subprocess.run([*FMRILM, "pipeline", "--only", "nope", "--workdir", str(tmp_path / "w")],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -129,7 +119,7 @@ def test_cli_prints_one_summary_table(tiny_pipeline, tiny_llm_dir):
     _, _, work = tiny_pipeline
     sets = [arg for item in tiny_sets(tiny_llm_dir) + ["synth.seed=11", "tracking.experiment=cli"]
             for arg in ("--set", item)]
-    proc = subprocess.run([FMRILM, "pipeline", "--config", str(DEMO), *sets, "--workdir", str(work)],
+    proc = subprocess.run([*FMRILM, "pipeline", "--config", str(DEMO), *sets, "--workdir", str(work)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -139,6 +129,40 @@ def test_cli_prints_one_summary_table(tiny_pipeline, tiny_llm_dir):
     assert table[1][4] == "8/8" and table[2][4:6] == ["val", "R^2"] and table[3][4:6] == ["val", "F2F"]
     assert table[4][4:7] == ["val", "answer", "loss"]
     assert "eval (test split)" in proc.stdout and "fc_baseline" in proc.stdout  # the eval stage's table follows
+
+
+def test_a_size_set_explicitly_must_agree_with_the_corpus(tiny_pipeline, tiny_llm_dir, tmp_path):
+    """N and T come from the corpus (12 ROIs, 32 volumes here) unless the config sets them: then they must agree,
+    or the tokenizer stage fails in one line naming the key, its value and the corpus's size, before any work."""
+    from fmrilm.ablations import variant_config
+    from fmrilm.stages import with_corpus_sizes
+
+    _, _, work = tiny_pipeline
+    corpus = work / "corpus"
+    read = with_corpus_sizes(load_config(None), corpus).tokenizer.model
+    assert (read.n_rois, read.length) == (12, 32)
+    agreeing = load_config(None, ["tokenizer.model.n_rois=12", "tokenizer.model.length=32"])
+    assert with_corpus_sizes(agreeing, corpus) is agreeing
+    with pytest.raises(InputError, match=r"^tokenizer\.model\.n_rois=450 disagrees with the corpus "
+                                         + re.escape(str(corpus)) + r", which has 12 ROIs \(leave tokenizer"):
+        with_corpus_sizes(load_config(None, ["tokenizer.model.n_rois=450"]), corpus)
+    yaml_file = tmp_path / "sizes.yaml"
+    yaml_file.write_text("tokenizer:\n  model:\n    length: 160\n")
+    with pytest.raises(InputError, match="tokenizer.model.length=160 disagrees .* 32 volumes per scan"):
+        with_corpus_sizes(load_config(yaml_file), corpus)
+    # an ablation variant leaves unset what the main config left unset: its sizes still come from the corpus
+    variant = variant_config(load_config(None, ["tokenizer.model.dim=8"]), "v", ["tokenizer.steps=3"])
+    assert with_corpus_sizes(variant, corpus).tokenizer.model.n_rois == 12
+
+    sets = [arg for item in tiny_sets(tiny_llm_dir) + [f"workdir={tmp_path / 'w'}", "tokenizer.model.n_rois=450"]
+            for arg in ("--set", item)]
+    proc = subprocess.run([*FMRILM, "tokenizer", "train", "--corpus", str(corpus), "--out", str(tmp_path / "tok"),
+                           *sets], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: tokenizer.model.n_rois=450 disagrees with the corpus {corpus}, which has 12 ROIs (leave "
+        "tokenizer.model.n_rois unset to take the corpus's)"]
+    assert not (tmp_path / "tok").exists() and not (tmp_path / "w").exists()  # refused before anything was written
 
 
 # ---- on a workdir of their own (slow: a full tiny pipeline, then partial reruns) ---------------------------

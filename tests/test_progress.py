@@ -1,4 +1,4 @@
-"""Progress off a terminal (`cluster.progress`): plain lines at a steady interval with stage, n / total, rate,
+"""Progress off a terminal (`fmrilm.progress`): plain lines at a steady interval with stage, n / total, rate,
 ETA and the latest metric; and the one place third-party chatter is turned down (`cluster.logs`).
 
 Every test writes stderr to a real file (not a terminal) and waits for the line it needs instead of
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.progress import StepReporter, log_interval, no_progress, progress_bar
+from fmrilm.progress import StepReporter, log_interval, no_progress, progress_bar
 
 LINE = re.compile(r"^\d\d:\d\d:\d\d (?P<stage>.+?)  (?P<unit>step )?(?P<done>\d+)/(?P<total>\d+) \(\d+%\)  "
                   r"(?P<rate>-|[\d.]+)/(?:s|min)  elapsed \d+:\d\d(?:  ETA (?P<eta>\?|\d+:\d\d(?::\d\d)?))?"

@@ -16,7 +16,6 @@ import ray
 import torch
 import webdataset as wds
 
-from cluster.config import load_config
 from corpus_builder.build import build_corpus
 from corpus_builder.config import DescriptorConfig
 from corpus_builder.descriptors import DESCRIPTOR_NAMES
@@ -35,6 +34,7 @@ from corpus_builder.readers import (
     torch_dataset,
 )
 from corpus_builder.synth import synthesize
+from fmrilm.config import load_config
 from fmrilm_core.errors import InputError
 
 T, N = 32, 450

@@ -190,7 +190,7 @@ def test_the_terminal_table_prints_intervals_and_the_difference_within_120_colum
 
 
 def test_mlflow_metric_names_carry_intervals_and_differences(built):
-    from cluster.pipeline import flat_metrics
+    from fmrilm.stages import flat_metrics
 
     metrics, _ = built
     flat = flat_metrics(metrics)

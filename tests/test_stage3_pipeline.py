@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
-from cluster.pipeline import read_record, run_pipeline
 from corpus_builder.config import SourceConfig
 from corpus_builder.sources import with_roi_count
+from fmrilm.config import load_config
+from fmrilm.pipeline import run_pipeline
+from fmrilm.runner import read_record
 from fmrilm_core.errors import InputError
 from tests.conftest import tiny_sets
 
@@ -128,7 +129,7 @@ def test_ablation_variants_run_on_the_same_corpus_and_are_reported_beside_the_ma
 
 
 def test_a_bad_ablation_is_refused_in_one_line_naming_it(tmp_path, tiny_llm_dir):
-    from cluster.ablations import variant_config
+    from fmrilm.ablations import variant_config
 
     cfg = load_config(DEMO, tiny_sets(tiny_llm_dir))
     with pytest.raises(InputError, match=r"^ablations\.typo: align\.lora\.enabeld: unknown key$"):

@@ -5,7 +5,7 @@ each with its own --temp-dir, so nothing here touches /tmp/ray, where other Ray 
 themselves (ray.cluster_utils.Cluster would write /tmp/ray/ray_current_cluster, and any bare ray.init() on the
 machine would then attach to it). Token authentication is on, with a token of its own, as Ray turns it on by
 default from 2.61. The nodes run with the venv's bin first on PATH, as nodes whose environment is activated.
-The CLI runs as a subprocess: the console script end to end.
+The CLI runs as a subprocess (`python -m fmrilm.cli`, what the console script runs) end to end.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ import pytest
 
 from cluster import jobs
 from fmrilm_core.errors import InputError
-from tests.conftest import tiny_sets
+from tests.conftest import FMRILM, tiny_sets
 
 VENV_BIN = Path(sys.executable).parent
-FMRILM = str(VENV_BIN / "fmrilm")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -133,7 +132,7 @@ def ray_cluster():
 
 
 def fmrilm(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([FMRILM, *args], env=env or _clean_env(), capture_output=True, text=True,
+    return subprocess.run([*FMRILM, *args], env=env or _clean_env(), capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 
@@ -162,7 +161,7 @@ def test_submit_follow_runs_on_the_cluster_and_logs_to_mlflow(ray_cluster, tmp_p
 
     status = fmrilm("jobs", "status", job_id, "--address", ray_cluster.address, env=client_env(ray_cluster))
     assert status.returncode == 0 and status.stdout.startswith(f"{job_id}: SUCCEEDED")
-    assert "python -m cluster.cli synth" in status.stdout
+    assert "python -m fmrilm.cli synth" in status.stdout
     logs = fmrilm("jobs", "logs", job_id, "--address", ray_cluster.address, env=client_env(ray_cluster))
     assert logs.returncode == 0 and "synthetic cohort:" in logs.stdout
     stop = fmrilm("jobs", "stop", job_id, "--address", ray_cluster.address, env=client_env(ray_cluster))
@@ -243,6 +242,25 @@ def test_unreachable_address_fails_in_seconds_with_one_line():
         assert out.stderr.startswith(f"error: no Ray dashboard answers at http://127.0.0.1:{port}")
 
 
+def test_corpus_build_probes_its_ray_address_first(tmp_path):
+    """`corpus build --address` (or $RAY_ADDRESS) names a Ray cluster as ray.init takes it: probed like the dashboard
+    above, one line in seconds instead of Ray's minute of connection retries."""
+    port = _free_port()  # nothing listens there
+    args = ["corpus", "build", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "corpus")]
+    for extra, env in ((["--address", f"127.0.0.1:{port}"], _clean_env()),
+                       ([], _clean_env(RAY_ADDRESS=f"127.0.0.1:{port}"))):
+        start = time.monotonic()
+        out = fmrilm(*args, *extra, env=env)
+        assert time.monotonic() - start < 20
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+        assert out.stderr.startswith(f"error: no Ray cluster answers at 127.0.0.1:{port} (")
+    assert not (tmp_path / "corpus").exists()
+    dashboard = fmrilm(*args, "--address", f"http://127.0.0.1:{port}")  # `submit`'s kind of address
+    assert dashboard.returncode == 2
+    assert dashboard.stderr.startswith(f"error: address 'http://127.0.0.1:{port}': give the Ray cluster as HOST:PORT")
+
+
 def test_pseudonym_secret_by_value_is_refused_before_any_connection():
     out = fmrilm("submit", "--address", "http://127.0.0.1:1", "--", "synth", "--out", "/tmp/never",
                  env=_clean_env(FMRILM_PSEUDONYM_KEY="k" * 32))
@@ -276,8 +294,8 @@ def test_runtime_env_carries_the_project_and_references_only(monkeypatch, tmp_pa
 
 def test_entrypoint_and_addresses():
     assert jobs.entrypoint(["fmrilm", "pipeline", "--set", "tokenizer.model={dim: 16}"]) == \
-        "python -m cluster.cli pipeline --set 'tokenizer.model={dim: 16}'"
-    assert jobs.entrypoint(["synth", "--out", "/s"]) == "python -m cluster.cli synth --out /s"
+        "python -m fmrilm.cli pipeline --set 'tokenizer.model={dim: 16}'"
+    assert jobs.entrypoint(["synth", "--out", "/s"]) == "python -m fmrilm.cli synth --out /s"
     with pytest.raises(InputError):
         jobs.entrypoint(["fmrilm"])
     assert jobs.resolve_address("head:8265") == "http://head:8265"

@@ -2,8 +2,6 @@
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,9 +13,7 @@ from corpus_builder.config import SourceConfig, SynthConfig
 from corpus_builder.extraction import discover_all, extract_all
 from corpus_builder.synth import synthesize
 from fmrilm_core.errors import InputError
-from tests.conftest import raw_id_hits
-
-FMRILM = str(Path(sys.executable).parent / "fmrilm")
+from tests.conftest import FMRILM, raw_id_hits
 
 
 def cfg(length=32):
@@ -157,7 +153,7 @@ def test_real_source_without_secret_is_refused(cohort):
 
 
 def test_cli_timeseries_bad_source_exit_2(tmp_path):
-    proc = subprocess.run([FMRILM, "corpus", "timeseries", "--source", str(tmp_path / "nope"), "--out",
+    proc = subprocess.run([*FMRILM, "corpus", "timeseries", "--source", str(tmp_path / "nope"), "--out",
                            str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: source does not exist"]

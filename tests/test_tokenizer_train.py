@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import load_config
 from corpus_builder.build import build_corpus
 from corpus_builder.config import SynthConfig
 from corpus_builder.readers import roi_network_groups
 from corpus_builder.synth import synthesize
+from fmrilm.config import load_config
 from fmrilm_core.errors import InputError
 from fmrilm_core.runtime import LocalRuntime
 from tests.conftest import StopAfter
@@ -227,7 +227,7 @@ def test_ray_train_two_workers_zero_stage_trains_and_exports(corpus, tiny_llm_di
 @pytest.mark.slow
 def test_torchrun_two_ranks_run_the_same_code(corpus, tiny_llm_dir, tmp_path):
     root = Path(__file__).parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "cluster.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "fmrilm.cli",
            "tokenizer", "train", "--corpus", str(corpus), "--out", str(tmp_path / "out"),
            "--deepspeed", str(root / "configs" / "deepspeed" / "zero2.json"), "--set", f"workdir={tmp_path / 'w'}",
            "--set", "tokenizer.model={length: 32, patch: 8, dim: 16, depth: 1, heads: 2, codebook_size: 32, "

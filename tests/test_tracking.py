@@ -7,7 +7,7 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from cluster.tracking import INPUT_RUN_TAG, PARENT_TAG, Tracker
+from fmrilm.tracking import INPUT_RUN_TAG, PARENT_TAG, Tracker
 
 
 def runs_by_name(client, experiment="demo"):
@@ -81,7 +81,7 @@ def test_failed_stage_is_marked_failed(tmp_path):
 
 
 # a child process's script starts with this: a Tracker on the workdir given as its first argument
-_OPEN_TRACKER = ("import sys, time; from pathlib import Path; from cluster.tracking import Tracker\n"
+_OPEN_TRACKER = ("import sys, time; from pathlib import Path; from fmrilm.tracking import Tracker\n"
                  "t = Tracker.for_workdir(Path(sys.argv[1]), 'exp')\n")
 
 

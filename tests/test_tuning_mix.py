@@ -170,10 +170,10 @@ def full_corpus(tmp_path_factory) -> Path:
     """A real build of 8 synthetic subjects that each have sex, age, fluid intelligence and a diagnosis."""
     import ray
 
-    from cluster.config import load_config
     from corpus_builder.build import build_corpus
     from corpus_builder.config import SynthConfig
     from corpus_builder.synth import synthesize
+    from fmrilm.config import load_config
 
     root = tmp_path_factory.mktemp("full_pheno")
     (root / "src").mkdir()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import ValidationError
@@ -17,7 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tokenizer_train.config import TokenizerModelConfig
-from tokenizer_train.model import BrainTokenizer
+
+if TYPE_CHECKING:  # the model imports this module to save and load itself, never the other way round
+    from tokenizer_train.model import BrainTokenizer
 
 FORMAT = "fmrilm-brain-tokenizer"
 FORMAT_VERSION = 1
@@ -67,8 +70,10 @@ def read_config(directory: str | Path) -> TokenizerModelConfig:
         raise ValueError(f"{path}: invalid tokenizer config:\n{e}") from e
 
 
-def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -> BrainTokenizer:
-    """Load an exported tokenizer (in eval mode) onto `device`, checking the weights against the config."""
+def load_pretrained(model_cls: type[BrainTokenizer], directory: str | Path,
+                    device: str | torch.device = "cpu") -> BrainTokenizer:
+    """Load an exported tokenizer as a `model_cls` (in eval mode) onto `device`, checking the weights against the
+    config (`BrainTokenizer.from_pretrained`)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no brain tokenizer at {directory}: not a directory")
@@ -81,7 +86,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -
     gradients = None
     if config.roi_embedding == "gradients" and "roi_gradients" in found:
         gradients = torch.zeros(found["roi_gradients"])  # shape only; the values come with the state below
-    model = BrainTokenizer(config, roi_gradients=gradients)
+    model = model_cls(config, roi_gradients=gradients)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     problems = [f"missing {name}" for name in expected.keys() - found.keys()]
     problems += [f"unexpected {name}" for name in found.keys() - expected.keys()]

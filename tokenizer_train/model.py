@@ -281,7 +281,7 @@ class BrainTokenizer(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> BrainTokenizer:
         from tokenizer_train.export import load_pretrained
 
-        return load_pretrained(directory, device)
+        return load_pretrained(cls, directory, device)
 
 
 @contextmanager

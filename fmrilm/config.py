@@ -45,7 +45,7 @@ class PipelineConfig(StrictModel):
     ablations: dict[str, list[str]] = Field(
         default_factory=dict, description="name -> `key=value` overrides (as --set) of a variant whose tokenizer, "
                                           "align, instruct and eval stages run on the same corpus, reported beside "
-                                          "the main model (cluster.ablations)")
+                                          "the main model (fmrilm.ablations)")
     workers: int = Field(0, ge=0, description="Ray Train workers for training stages; 0 = in-process")
 
 
@@ -114,6 +114,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err, origin)) from None
+
+
+def with_value(config: StrictModel, path: str, value: Any) -> StrictModel:
+    """A copy of `config` with the dotted key `path` set to `value` (the original is left as it is), the key marked
+    as set at every level, as a YAML file naming it would (`model_fields_set`: what a user set explicitly)."""
+    head, _, rest = path.partition(".")
+    new = with_value(getattr(config, head), rest, value) if rest else value
+    return config.model_copy(update={head: new})
 
 
 def to_yaml(config: StrictModel) -> str:

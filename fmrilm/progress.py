@@ -1,6 +1,7 @@
 """Progress of long work: a rich bar on a terminal, plain log lines everywhere else.
 
-Library code gets a plain `advance(n)` callback (`progress_bar`); training loops get a `StepReporter`.
+Library code gets a plain `advance(n)` callback (`progress_bar`); training loops get a `StepReporter` (made by
+`step_reporter`, the `progress_fn` a runtime is handed).
 Off a terminal (Ray Jobs, SLURM output files, `> log`) a bar would print nothing until the end, so there
 one plain line goes to stderr every FMRILM_LOG_INTERVAL seconds (default 30), from a background thread, so a
 slow shard or step still shows the run is alive:
@@ -240,7 +241,7 @@ def no_progress(description: str, total: int | None) -> Iterator[Advance]:
 
 class StepReporter:
     """Progress of a training loop, for the runtime a stage is handed (the stage libraries never import
-    `cluster`; the runtime creates one and forwards to it).
+    `fmrilm`; the runtime creates one through `step_reporter` and forwards to it).
 
         reporter = StepReporter("tokenizer", total=cfg.steps, start=start, rank=runtime.rank)
         for step in range(start, cfg.steps):
@@ -298,3 +299,9 @@ class StepReporter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(failed=exc_type is not None)
+
+
+def step_reporter(stage: str, total: int, start: int, rank: int) -> StepReporter:
+    """The `progress_fn(stage, total, start, rank)` of a training runtime (`cluster.launch.run_training`): a
+    module-level function, so it travels to Ray Train workers."""
+    return StepReporter(stage, total=total, start=start, rank=rank)
