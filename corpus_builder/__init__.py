@@ -1,5 +1,5 @@
 """The corpus stage: sources -> clean ROI series, descriptors, captions and instruction items in a sharded corpus
-(DESIGN 3.2-3.4), and the readers every later stage reads it through.
+(docs/design.md), and the readers every later stage reads it through.
 
     config.py        typed configs of the stage (SynthConfig, CorpusConfig, ...)
     atlas.py         ROI labels, their networks and the atlas order every output uses

@@ -1,4 +1,4 @@
-"""`fmrilm corpus build`: sources -> a sharded corpus (DESIGN 3.3), as Ray tasks that each own whole shards.
+"""`fmrilm corpus build`: sources -> a sharded corpus (docs/design.md), as Ray tasks that each own whole shards.
 
 Plan. Discovery and subject-level splits happen on the driver. Scans are ordered by (split, key) and cut
 into shards of `shard_size` scans; shard i of the corpus owns zarr rows [i * shard_size, (i + 1) * shard_size)

@@ -3,7 +3,7 @@
     from corpus_builder.captions import caption_for, caption_claims
     text = caption_for(z, pair_z, missing, CaptionConfig(), seed=hash_of_key)
 
-One sentence (group) per part of the four domains (DESIGN 3.4), in a fixed order: FC within-network strength of
+One sentence (group) per part of the four domains (docs/design.md), in a fixed order: FC within-network strength of
 the 7 Yeo networks, subcortical-cortical coupling, the most and least coupled network pairs (largest / smallest
 `pair_z`), the functional gradients, the graph metrics, network fALFF (ICA). Each z becomes one of five bins
 (markedly lower / lower / typical / higher / markedly higher; thresholds in `CaptionConfig`); descriptors that

@@ -58,7 +58,7 @@ class AtlasConfig(StrictModel):
 
 
 class CleaningConfig(StrictModel):
-    """From native ROI series to X[T, N] at TR 2.0 s (DESIGN 3.2)."""
+    """From native ROI series to X[T, N] at TR 2.0 s (docs/design.md)."""
 
     confounds: list[Literal["motion", "wm_csf", "global_signal", "compcor"]] = ["motion", "wm_csf"]
     motion: Literal["basic", "derivatives", "power2", "full"] = Field(
@@ -93,7 +93,7 @@ class SourceConfig(StrictModel):
 
 
 class DescriptorConfig(StrictModel):
-    """The 23 descriptors (DESIGN 3.4)."""
+    """The 23 descriptors (docs/design.md)."""
 
     graph_density: float = Field(0.1, gt=0, le=1, description="fraction of strongest positive edges kept")
     gradient_components: int = Field(10, ge=2, description="diffusion-map components (alignment and explained var)")

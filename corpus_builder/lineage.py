@@ -1,5 +1,5 @@
 """Who a corpus's scans are, as a later stage needs to know it: the corpus fingerprint a saved model records and
-the subjects of each split (DESIGN 3.9).
+the subjects of each split (docs/design.md).
 
     fingerprint = corpus_fingerprint(corpus)   # {"splits_sha256", "pseudonym_scheme", "norms_sha256", ...}
     test = split_subjects(corpus, "test")      # {"UKB-3fa9c1d2e4b6", ...}

@@ -1,4 +1,4 @@
-"""Readers of the corpus (DESIGN 3.3): with `tar_reader` and `metadata`, the only code besides the build that knows
+"""Readers of the corpus (docs/design.md): with `tar_reader` and `metadata`, the only code besides the build that knows
 its layout.
 
     from corpus_builder.readers import shard_urls, torch_dataset, ray_dataset, open_zarr, read_captions

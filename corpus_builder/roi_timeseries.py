@@ -1,4 +1,4 @@
-"""Raw ROI series -> the clean `X[T, N]` every later stage consumes (DESIGN 3.2).
+"""Raw ROI series -> the clean `X[T, N]` every later stage consumes (docs/design.md).
 
 Order of operations, and why:
 1. checks (ROI count, non-finite values, constant ROIs) so a bad scan fails with a reason, not NaNs later;

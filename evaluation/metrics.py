@@ -1,4 +1,4 @@
-"""The figures of a task, their 95 % intervals over test subjects, and the model-minus-FC differences (DESIGN 3.8).
+"""The figures of a task, their 95 % intervals over test subjects, and the model-minus-FC differences (docs/design.md).
 
 Each figure comes from ONE kind of prediction per scan:
 

@@ -2,7 +2,7 @@
 
     metrics = evaluate_tasks(model_dir, corpus, out, tasks=None, shots=(0, 2))
 
-Writes (DESIGN 3.8):
+Writes (docs/design.md):
     OUT/metrics.json      task -> protocol (`zero_shot`, `k_shot_<k>`, `train_n_<n>`, `tuned`) -> figures, each with
                           its 95 % bootstrap interval over test subjects (`ci`) and, for a model protocol, its paired
                           difference from the FC baseline (`vs_fc_baseline`); beside them `fc_baseline` and

@@ -1,4 +1,4 @@
-"""Training plumbing that more than one stage needs (DESIGN 2), in one home that every stage imports.
+"""Training plumbing that more than one stage needs (docs/design.md), in one home that every stage imports.
 
 - `errors`: `InputError`, the one exception type for bad user input.
 - `config`: `StrictModel`, the base of every typed config, and `OptimConfig`, the optimizer settings (AdamW, LR

@@ -1,7 +1,7 @@
 """The data lineage of a saved model: which corpus each stage that made it was trained on, and whom it saw.
 
 Every saved model folder (the brain-tokenizer export, the stage-2 and stage-3 folders, eval's fine-tunings) holds a
-`lineage.json` (DESIGN 3.9):
+`lineage.json` (docs/design.md):
 
     {"format": "fmrilm-lineage", "version": 1, "stage": "align",
      "corpus": {<corpus_builder.lineage.corpus_fingerprint>},

@@ -1,4 +1,4 @@
-"""The `README.md` model card of every saved model folder (DESIGN 3.9), in the Hugging Face model-card form.
+"""The `README.md` model card of every saved model folder (docs/design.md), in the Hugging Face model-card form.
 
 YAML front matter (`base_model`, `library_name`, `license` + `license_name`, `pipeline_tag`, `tags`) that a stock
 `huggingface_hub.ModelCard.load(folder / "README.md")` parses, then the sections a reader needs before using the

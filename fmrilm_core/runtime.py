@@ -1,4 +1,4 @@
-"""What a training stage needs from whoever runs it (DESIGN 2): rank, logging, checkpoint storage.
+"""What a training stage needs from whoever runs it (docs/design.md): rank, logging, checkpoint storage.
 
 Every training stage takes a `Runtime`; `cluster` hands one in for in-process, torchrun and Ray Train runs (the
 last backed by `ray.train.report` / `ray.train.get_checkpoint`, built on `LocalRuntime`); tests can use

@@ -1,4 +1,4 @@
-"""The training loop of every stage, written once (DESIGN 2): `fit` runs the steps of a DeepSpeed engine from a
+"""The training loop of every stage, written once (docs/design.md): `fit` runs the steps of a DeepSpeed engine from a
 resume point, logs, reports progress, validates and checkpoints; `engine_step` is one optimizer step of the engines
 of stages 2 and 3 (stage 1 has its own step, `tokenizer_train.engine.optimize`, called through the same loop).
 

@@ -1,4 +1,4 @@
-"""Stages 2 and 3: a pretrained causal LLM that reads, predicts and describes brain tokens (DESIGN 1, 3.6).
+"""Stages 2 and 3: a pretrained causal LLM that reads, predicts and describes brain tokens (docs/design.md).
 
     config.py      typed configs of stages 2 and 3 (LLMAlignConfig, InstructConfig)
     vocabulary.py  the K brain tokens and scan markers, their rows initialised from the stage-1 codebook

@@ -1,4 +1,4 @@
-"""Typed config of stage 2, LLM alignment (DESIGN 1, 3.6): which backbone, how scans enter it, which objectives."""
+"""Typed config of stage 2, LLM alignment (docs/design.md): which backbone, how scans enter it, which objectives."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The saved stage-2/3 model folder (DESIGN 3.6): loadable with stock libraries, and enough for a later stage.
+"""The saved stage-2/3 model folder (docs/design.md): loadable with stock libraries, and enough for a later stage.
 
     OUT/config.json + model.safetensors          full fine-tuning: `AutoModelForCausalLM.from_pretrained(OUT)`
     OUT/adapter_config.json + adapter_model.*    LoRA: `AutoPeftModelForCausalLM.from_pretrained(OUT)`

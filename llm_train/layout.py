@@ -1,4 +1,4 @@
-"""Sequence layout of a scan for the LLM (DESIGN 3.6) and the block-causal attention of F2F.
+"""Sequence layout of a scan for the LLM (docs/design.md) and the block-causal attention of F2F.
 
     <|scan_start|>  (w=0, n=0) (w=0, n=1) ... (w=0, n=N-1)  (w=1, n=0) ...  (w=W-1, n=N-1)  [fc x P]  <|scan_end|>  text
     position 0      1 + w * N + n                                                   1 + W * N  1 + W * N + P

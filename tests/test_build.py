@@ -1,4 +1,4 @@
-"""Corpus build (`corpus_builder.build`, DESIGN 3.3): the on-disk contract read back with stock readers, bad
+"""Corpus build (`corpus_builder.build`, docs/design.md): the on-disk contract read back with stock readers, bad
 scans as failed rows, kill -9 and resume, byte-identical rebuilds, subject-level splits, refusals, and a build
 on a 2-node local Ray cluster.
 

@@ -1,4 +1,4 @@
-"""Data lineage (DESIGN 3.9): the corpus fingerprint, the record every saved model keeps, and the checks that keep a
+"""Data lineage (docs/design.md): the corpus fingerprint, the record every saved model keeps, and the checks that keep a
 test subject any stage trained on out of a figure."""
 
 from __future__ import annotations

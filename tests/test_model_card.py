@@ -1,4 +1,4 @@
-"""The README.md model card of a saved model folder (DESIGN 3.9): a stock huggingface_hub reader parses it, it
+"""The README.md model card of a saved model folder (docs/design.md): a stock huggingface_hub reader parses it, it
 names the corpus and warns about a synthetic one, it never prints a subject, and `add_figures` replaces the figures
 section alone.
 

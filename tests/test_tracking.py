@@ -1,4 +1,4 @@
-"""The MLflow contract (DESIGN 3.7), checked by opening the sqlite store the pipeline wrote."""
+"""The MLflow contract (docs/design.md), checked by opening the sqlite store the pipeline wrote."""
 
 import signal
 import subprocess

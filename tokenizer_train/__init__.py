@@ -1,4 +1,4 @@
-"""Stage 1: the text-aligned brain tokenizer (DESIGN 1, 3.5).
+"""Stage 1: the text-aligned brain tokenizer (docs/design.md).
 
     config.py      typed configs of stage 1 (TokenizerTrainConfig: model, losses, text side, optimiser)
     model.py       BrainTokenizer: X [T, N] -> patches -> encoder -> codes [W, N] -> the LLM's space; decoder -> X_hat

@@ -1,4 +1,4 @@
-"""Typed configs of stage 1, the text-aligned brain tokenizer (DESIGN 1, 3.5)."""
+"""Typed configs of stage 1, the text-aligned brain tokenizer (docs/design.md)."""
 
 from __future__ import annotations
 

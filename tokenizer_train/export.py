@@ -1,4 +1,4 @@
-"""The exported brain tokenizer (DESIGN 3.5): DIR/config.json + DIR/model.safetensors.
+"""The exported brain tokenizer (docs/design.md): DIR/config.json + DIR/model.safetensors.
 
 config.json = {"format": "fmrilm-brain-tokenizer", "format_version": 1, "config": <TokenizerModelConfig>}.
 model.safetensors holds every parameter and buffer, the codebook and its EMA state included, so a loaded

@@ -1,4 +1,4 @@
-"""Stage-1 losses beside the reconstruction/commitment terms of the model (DESIGN 1, 5: kept apart from training).
+"""Stage-1 losses beside the reconstruction/commitment terms of the model (docs/design.md: kept apart from training).
 
 Two ways of pulling the encoder's latents towards language:
 

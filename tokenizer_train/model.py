@@ -9,7 +9,7 @@
 The domain classifier of stage 1 compares to_llm(z) with text-token embeddings seen through `LLMProjection.
 text_view` (see there: why a code space narrower than the LLM's needs it).
 
-Token order is TIME-MAJOR, the F2F convention of the whole system (DESIGN 3.6): the token of step w (patch
+Token order is TIME-MAJOR, the F2F convention of the whole system (docs/design.md): the token of step w (patch
 w*P..w*P+P-1 along time) and ROI n (atlas order) sits at sequence index `token_index(w, n, N) = w * N + n`.
 So `codes.reshape(B, W * N)` is the sequence stage 2 feeds the LLM, one step's N ROI tokens after another.
 """
@@ -242,7 +242,7 @@ class BrainTokenizer(nn.Module):
             llm_latents=llm_latents, text_view=text_view, pooled=llm_tokens.mean(dim=(1, 2)),
             recon=self.decode_vectors(quantized), commit_loss=commit_loss, vq_stats=stats)
 
-    # The exported interface (DESIGN 3.5)
+    # The exported interface (docs/design.md)
 
     @torch.no_grad()
     def encode(self, x: Tensor | np.ndarray) -> Tensor:

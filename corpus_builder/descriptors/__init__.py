@@ -1,4 +1,4 @@
-"""The 23 descriptors of a scan (DESIGN 3.4), in four domains, plus the 28 network-pair FC values.
+"""The 23 descriptors of a scan (docs/design.md), in four domains, plus the 28 network-pair FC values.
 
     from corpus_builder.descriptors import DESCRIPTOR_NAMES, compute_descriptors
     desc = compute_descriptors(x, reference)   # x: [T, N] clean series in atlas order
