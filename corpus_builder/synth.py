@@ -65,17 +65,13 @@ def synthesize(cfg: SynthConfig, root: Path, progress=None) -> pd.DataFrame:
 
     rows = []
     for scan in bold_scans(cfg, rng, base, networks, leak_first=True):
-        sid = scan.participant["participant_id"].removeprefix("sub-")
         if scan.session == 1:
             rows.append(scan.participant)
-        ses_label = f"ses-{scan.session}"
-        func = root / f"sub-{sid}" / ses_label / "func"
-        func.mkdir(parents=True, exist_ok=True)
-        stem = func / f"sub-{sid}_{ses_label}_task-rest"
-        _write_table(Path(f"{stem}_atlas-{ATLAS_NAME}_timeseries"), scan.roi, labels, cfg.roi_format)
-        Path(f"{stem}_atlas-{ATLAS_NAME}_timeseries.json").write_text(
+        func, stem = scan.func_folder(root)
+        _write_table(func / f"{stem}_atlas-{ATLAS_NAME}_timeseries", scan.roi, labels, cfg.roi_format)
+        (func / f"{stem}_atlas-{ATLAS_NAME}_timeseries.json").write_text(
             json.dumps({"RepetitionTime": scan.tr, "Atlas": ATLAS_NAME}))
-        scan.confounds.to_csv(f"{stem}_desc-confounds_timeseries.tsv", sep="\t", index=False, na_rep="n/a",
+        scan.confounds.to_csv(func / f"{stem}_desc-confounds_timeseries.tsv", sep="\t", index=False, na_rep="n/a",
                               float_format="%.6f")
         if progress is not None:
             progress(1)

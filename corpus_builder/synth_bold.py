@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -185,6 +186,14 @@ class SynthScan:
     tr: float
     roi: np.ndarray
     confounds: pd.DataFrame
+
+    def func_folder(self, root: Path) -> tuple[Path, str]:
+        """(the scan's BIDS-style `sub-<id>/ses-<n>/func` folder under `root`, created; its file stem
+        `sub-<id>_ses-<n>_task-rest`): where both writers put its files."""
+        sid = self.participant["participant_id"].removeprefix("sub-")
+        func = Path(root) / f"sub-{sid}" / f"ses-{self.session}" / "func"
+        func.mkdir(parents=True, exist_ok=True)
+        return func, f"sub-{sid}_ses-{self.session}_task-rest"
 
 
 def bold_scans(cfg: SynthConfig, rng: np.random.Generator, base: np.ndarray, networks: np.ndarray, *,

@@ -134,13 +134,9 @@ def write_nifti_cohort(cfg: SynthConfig, root: Path, progress=None) -> pd.DataFr
 
     rows = []
     for scan in bold_scans(cfg, rng, base, networks, leak_first=False):
-        sid = scan.participant["participant_id"].removeprefix("sub-")
         if scan.session == 1:
             rows.append(scan.participant)
-        ses_label = f"ses-{scan.session}"
-        func = root / f"sub-{sid}" / ses_label / "func"
-        func.mkdir(parents=True, exist_ok=True)
-        stem = f"sub-{sid}_{ses_label}_task-rest"
+        func, stem = scan.func_folder(root)
         img = _bold_image(rng, scan.roi, parcels, white, scan.confounds["white_matter"].to_numpy(), scan.tr)
         nib.save(img, func / f"{stem}_space-{SPACE}_desc-preproc_bold.nii.gz")
         (func / f"{stem}_space-{SPACE}_desc-preproc_bold.json").write_text(

@@ -157,6 +157,11 @@ def llm_align(
     extra += [f"align.lora.enabled={str(lora).lower()}"] if lora is not None else []
     cfg = load(config, set_, extra)
     result, _ = _run_stage("align", cfg, out, corpus=corpus, tokenizer=tokenizer)
+    _report_model(result, out)
+
+
+def _report_model(result, out: Path) -> None:
+    """A trained model stage's figures and where its folder went."""
     for key, value in result.summary.items():
         if isinstance(value, float):
             typer.echo(f"  {key:<32} {value:.4f}")
@@ -184,10 +189,7 @@ def llm_instruct(
     extra += [f"instruct.lora.enabled={str(lora).lower()}"] if lora is not None else []
     cfg = load(config, set_, extra)
     result, _ = _run_stage("instruct", cfg, out, model=model, corpus=corpus)
-    for key, value in result.summary.items():
-        if isinstance(value, float):
-            typer.echo(f"  {key:<32} {value:.4f}")
-    typer.echo(f"model -> {out}  (MLflow run {result.run_id})")
+    _report_model(result, out)
 
 
 def ask(

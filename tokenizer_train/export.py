@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from pydantic import ValidationError
@@ -19,16 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from tokenizer_train.config import TokenizerModelConfig
 
-if TYPE_CHECKING:  # the model imports this module to save and load itself, never the other way round
-    from tokenizer_train.model import BrainTokenizer
-
 FORMAT = "fmrilm-brain-tokenizer"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_pretrained(model: BrainTokenizer, directory: str | Path) -> Path:
+def save_pretrained(model: torch.nn.Module, directory: str | Path) -> Path:
     """Write config.json and model.safetensors into `directory` (each file replaced atomically); floating-point
     weights are saved in fp32 whatever the training precision (a bf16 GPU run exports like a CPU one)."""
     directory = Path(directory)
@@ -70,8 +66,8 @@ def read_config(directory: str | Path) -> TokenizerModelConfig:
         raise ValueError(f"{path}: invalid tokenizer config:\n{e}") from e
 
 
-def load_pretrained(model_cls: type[BrainTokenizer], directory: str | Path,
-                    device: str | torch.device = "cpu") -> BrainTokenizer:
+def load_pretrained(model_cls: type[torch.nn.Module], directory: str | Path,
+                    device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load an exported tokenizer as a `model_cls` (in eval mode) onto `device`, checking the weights against the
     config (`BrainTokenizer.from_pretrained`)."""
     directory = Path(directory)
