@@ -17,6 +17,9 @@
     instructions.py  instruction items of a scan (qa.json, stage 3)
     build.py         `fmrilm corpus build`: the driver (plan, fingerprints, resume, the Ray fan-out over shards)
     shard_passes.py  the per-scan work of a build: extract, describe and write one shard
+    grow.py          `fmrilm corpus add` (new scans as a new version beside the finished shards) and `--repair`
+    versions.py      version records, the checksums written with each shard, and `corpus verify`
+    info.py          `fmrilm corpus info`: counts per dataset, split, status and version; failures; QC
     readers.py       the corpus's front door: torch / Ray / zarr readers of the series, every reader re-exported
     tar_reader.py    the tar shards listed, opened (local paths, fsspec URLs) and decoded
     metadata.py      captions, instruction items, phenotypes and the root files (manifest, ROIs, reference, norms)

@@ -57,10 +57,15 @@ from corpus_builder.shard_passes import (  # noqa: F401  (Shard, TAR_MTIME: impo
     write_shard,
 )
 from corpus_builder.splits import assign_splits
+from corpus_builder.versions import (  # noqa: F401  (COMPLETE, STARTED: importable from here as before)
+    COMPLETE,
+    STARTED,
+    make_record,
+    shard_checksums,
+    version_path,
+    write_json_atomic,
+)
 from fmrilm_core.errors import InputError
-
-COMPLETE = "complete.json"  # written last by a finished build
-STARTED = "build.json"  # written first (the build's inputs): with no COMPLETE beside it, a build was interrupted
 
 
 def config_fingerprint(cfg: CorpusConfig, specs: list[str]) -> str:
@@ -169,7 +174,8 @@ def _prepare_out(out: Path, inputs: dict, overwrite: bool) -> None:
             problem = None
         if problem:
             if not overwrite:
-                raise InputError(f"{out}: holds a corpus built with {problem} (use --overwrite to replace it)")
+                grow = " or `fmrilm corpus add` to add scans to it" if (out / COMPLETE).is_file() else ""
+                raise InputError(f"{out}: holds a corpus built with {problem} (use --overwrite to replace it{grow})")
             shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -196,7 +202,8 @@ def _create_arrays(out: Path, n_rows: int, shard_size: int, cfg: CorpusConfig, k
                        dtype="float32", fill_value=np.nan, attributes={"names": list(DESCRIPTOR_NAMES)})
     group.create_array("fc_pairs", shape=(n_rows, len(PAIR_NAMES)), chunks=(shard_size, len(PAIR_NAMES)),
                        dtype="float32", fill_value=np.nan, attributes={"names": list(PAIR_NAMES)})
-    group.create_array("keys", shape=(n_rows,), chunks=(n_rows,), dtype=str)[:] = np.array(keys)
+    # chunked by shard like the others: an add writes new blocks and never rewrites a finished one
+    group.create_array("keys", shape=(n_rows,), chunks=(shard_size,), dtype=str)[:] = np.array(keys)
 
 
 def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, overwrite: bool = False,
@@ -216,6 +223,7 @@ def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, 
     _prepare_out(out, inputs, overwrite)
     (out / COMPLETE).unlink(missing_ok=True)  # a resumed build is not complete until it ends
     (out / STARTED).write_text(json.dumps(inputs | {"sources": specs}, indent=1))
+    built_with = cfg.model_dump(mode="json")  # what an add builds its scans with (sizes unset stay unset)
     cfg = cfg.model_copy(update={"source": sources.with_roi_count(records, cfg.source)})  # N from the data if unset
 
     table = pd.DataFrame({"key": [r.key for r in records], "subject": [r.subject for r in records],
@@ -230,7 +238,67 @@ def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, 
             keys[shard.row0 + i] = rec.key
     _create_arrays(out, len(keys), size, cfg, keys)
 
+    def fit_reference_and_rois(extracted: dict, labels: list, networks) -> None:
+        rois = roi_table(labels, cfg.source.atlas.lookup or networks)
+        rois.to_csv(out / "rois.tsv", sep="\t", index=False)
+        ok = [k for k, v in extracted.items() if not v["error"]]
+        reference_keys[:] = sorted(k for k in ok if split_of[k] == "train" and
+                                   cfg.reference.dataset in (None, dataset_of[k]))
+        if len(reference_keys) < 2:
+            raise InputError(f"reference cohort (train split of {cfg.reference.dataset or 'all datasets'}) has "
+                             f"{len(reference_keys)} usable scans; need at least 2")
+        if not (out / "reference.npz").exists():
+            rng = np.random.default_rng(seed)
+            fit_keys = sorted(rng.choice(reference_keys, min(len(reference_keys), cfg.reference.max_fit_scans),
+                                         replace=False))
+            ts = zarr.open_group(out / "timeseries.zarr", mode="r")["ts"]
+            reference = fit_reference([ts[row_of[k]] for k in fit_keys], rois["network"].to_numpy(),
+                                      cfg.descriptors, seed)
+            save_reference(reference, out / "reference.tmp.npz")
+            os.replace(out / "reference.tmp.npz", out / "reference.npz")
+
+    def fit_norms() -> None:
+        if not (out / "norms.json").exists():
+            group = zarr.open_group(out / "timeseries.zarr", mode="r")
+            desc, pairs = group["descriptors"][:], group["fc_pairs"][:]
+            cohort = [Descriptors(dict(zip(DESCRIPTOR_NAMES, desc[row_of[k]].astype(float))),
+                                  dict(zip(PAIR_NAMES, pairs[row_of[k]].astype(float))), {}) for k in reference_keys]
+            Norms.fit(cohort, f"{cfg.reference.dataset or 'all'}/train").save(out / "norms.json.tmp")
+            os.replace(out / "norms.json.tmp", out / "norms.json")
+
+    row_of = {rec.key: s.row0 + i for s in shards for i, rec in enumerate(s.records)}
+    dataset_of = {r.key: r.dataset for r in records}
+    reference_keys: list[str] = []
     _init_ray(ray_address, cfg)
+    stats = run_passes(shards, split_of, cfg, out, seed, progress, fit_reference_and_rois, fit_norms)
+    manifest = pd.concat([pd.read_parquet(out / "shards" / f"{s.name}_manifest.parquet") for s in shards])
+    manifest.to_parquet(out / "manifest.parquet", index=False)
+    seconds = time.perf_counter() - start
+    failed = Counter()
+    for st in stats:
+        failed.update(st["failed_by_reason"])
+    summary = {"scans": len(records), "ok": int((manifest["status"] == "ok").sum()),
+               "failed": int((manifest["status"] == "failed").sum()), "failed_by_reason": dict(failed),
+               "shards": len(shards), "splits": manifest["split"].value_counts().to_dict(),
+               "seconds": round(seconds, 2), "scans_per_s": round(len(records) / max(seconds, 1e-9), 2)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    sums = {st["shard"]: st.get("checksums") or shard_checksums(out, st["shard"], i, "shards")
+            for i, st in enumerate(stats)}
+    version = make_record(out, version=1, parent=None, sources=specs, source_files=inputs["source_files"],
+                          shards=sums, manifest="manifest.parquet", manifest_df=manifest, added=manifest,
+                          known_subjects=set(), config=built_with)
+    write_json_atomic(out / version_path(1), version)
+    record = inputs | {"shards": [s.name for s in shards], "summary": summary, **identity_of(specs),
+                       "version": 1, "manifest": "manifest.parquet"}
+    _write_atomic(out / COMPLETE, json.dumps(record, indent=1))  # last: the corpus is finished
+    return summary
+
+
+def run_passes(shards: list[Shard], split_of: dict[str, str], cfg: CorpusConfig, out: Path, seed: int, progress,
+               after_extract=None, after_describe=None) -> list[dict]:
+    """The three passes over `shards` as Ray tasks (extract, describe, write); returns the write pass's stats per
+    shard. `after_extract(extracted, labels, networks)` and `after_describe()` run on the driver between them (a
+    build fits the reference and the norms there; an add keeps them frozen)."""
     # retried on a lost worker and on an exception: a pass is idempotent per shard (markers, atomic tar rename)
     opts = {"num_cpus": cfg.build.cpus_per_task, "max_retries": cfg.build.task_retries, "retry_exceptions": True}
     remote_extract = ray.remote(**opts)(extract_shard)
@@ -247,52 +315,14 @@ def build_corpus(specs: list[str], cfg: CorpusConfig, out: Path, seed: int = 0, 
     if labels is None:
         first = next(iter(v["error"] for v in extracted.values()), "?")
         raise InputError(f"no scan could be extracted (first failure: {first})")
-    rois = roi_table(labels, cfg.source.atlas.lookup or networks)
-    rois.to_csv(out / "rois.tsv", sep="\t", index=False)
-
-    row_of = {rec.key: s.row0 + i for s in shards for i, rec in enumerate(s.records)}
-    ok = [k for k, v in extracted.items() if not v["error"]]
-    dataset_of = {r.key: r.dataset for r in records}
-    reference_keys = sorted(k for k in ok if split_of[k] == "train" and
-                            cfg.reference.dataset in (None, dataset_of[k]))
-    if len(reference_keys) < 2:
-        raise InputError(f"reference cohort (train split of {cfg.reference.dataset or 'all datasets'}) has "
-                         f"{len(reference_keys)} usable scans; need at least 2")
-    if not (out / "reference.npz").exists():
-        rng = np.random.default_rng(seed)
-        fit_keys = sorted(rng.choice(reference_keys, min(len(reference_keys), cfg.reference.max_fit_scans),
-                                     replace=False))
-        ts = zarr.open_group(out / "timeseries.zarr", mode="r")["ts"]
-        reference = fit_reference([ts[row_of[k]] for k in fit_keys], rois["network"].to_numpy(), cfg.descriptors, seed)
-        save_reference(reference, out / "reference.tmp.npz")
-        os.replace(out / "reference.tmp.npz", out / "reference.npz")
-
-    ok_rows = {s.name: [row_of[r.key] for r in s.records if not extracted[r.key]["error"]] for s in shards}
+    if after_extract is not None:
+        after_extract(extracted, labels, networks)
+    ok_rows = {s.name: [s.row0 + i for i, r in enumerate(s.records) if not extracted[r.key]["error"]] for s in shards}
     _gather([remote_describe.remote(s, ok_rows[s.name], cfg, out) for s in shards], progress, weights)
-    if not (out / "norms.json").exists():
-        group = zarr.open_group(out / "timeseries.zarr", mode="r")
-        desc, pairs = group["descriptors"][:], group["fc_pairs"][:]
-        cohort = [Descriptors(dict(zip(DESCRIPTOR_NAMES, desc[row_of[k]].astype(float))),
-                              dict(zip(PAIR_NAMES, pairs[row_of[k]].astype(float))), {}) for k in reference_keys]
-        Norms.fit(cohort, f"{cfg.reference.dataset or 'all'}/train").save(out / "norms.json.tmp")
-        os.replace(out / "norms.json.tmp", out / "norms.json")
-
-    stats = _gather([remote_write.remote(s, split_of, {r.key: extracted[r.key] for r in s.records}, cfg, out, seed)
-                     for s in shards], progress, weights)
-    manifest = pd.concat([pd.read_parquet(out / "shards" / f"{s.name}_manifest.parquet") for s in shards])
-    manifest.to_parquet(out / "manifest.parquet", index=False)
-    seconds = time.perf_counter() - start
-    failed = Counter()
-    for st in stats:
-        failed.update(st["failed_by_reason"])
-    summary = {"scans": len(records), "ok": int((manifest["status"] == "ok").sum()),
-               "failed": int((manifest["status"] == "failed").sum()), "failed_by_reason": dict(failed),
-               "shards": len(shards), "splits": manifest["split"].value_counts().to_dict(),
-               "seconds": round(seconds, 2), "scans_per_s": round(len(records) / max(seconds, 1e-9), 2)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    record = inputs | {"shards": [s.name for s in shards], "summary": summary, **identity_of(specs)}
-    _write_atomic(out / COMPLETE, json.dumps(record, indent=1))  # last: the corpus is finished
-    return summary
+    if after_describe is not None:
+        after_describe()
+    return _gather([remote_write.remote(s, split_of, {r.key: extracted[r.key] for r in s.records}, cfg, out, seed)
+                    for s in shards], progress, weights)
 
 
 def _init_ray(address: str | None, cfg: CorpusConfig) -> None:

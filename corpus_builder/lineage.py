@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from corpus_builder.readers import read_corpus_file, read_manifest
+from corpus_builder.versions import splits_sha256
 from fmrilm_core.errors import InputError
 
 COMPLETE = "complete.json"
@@ -32,17 +33,21 @@ def _usable(corpus: str | Path):
 
 def corpus_fingerprint(corpus: str | Path) -> dict:
     """The corpus's identity as a model folder records it (lineage.json): where it was, the hash of its key -> split
-    assignment (usable scans), the pseudonym scheme's fingerprint, the hash of norms.json, scan counts per split and
-    per dataset, and whether it is synthetic. A corpus whose build did not record its pseudonym scheme (built
-    before lineage existed) is a one-line error: rebuild it."""
+    assignment (usable scans), its version and the same hash as of each earlier version (so a model trained on
+    version 1 recognises a corpus grown by `corpus add` as its own), the pseudonym scheme's fingerprint, the hash
+    of norms.json, scan counts per split and per dataset, and whether it is synthetic. A corpus whose build did not
+    record its pseudonym scheme (built before lineage existed) is a one-line error: rebuild it."""
     record = json.loads(read_corpus_file(corpus, COMPLETE))
     if not record.get("pseudonym_scheme"):
         raise InputError(f"{corpus}: built before corpora recorded their pseudonym scheme (no pseudonym_scheme in "
                          f"{COMPLETE}); rebuild it with `fmrilm corpus build --overwrite`")
-    ok = _usable(corpus)
-    assignment = "".join(f"{key}\t{split}\n" for key, split in sorted(zip(ok["key"], ok["split"])))
+    manifest = read_manifest(corpus)
+    ok = manifest[manifest["status"] == "ok"]
+    version = int(record.get("version", 1))
+    by_version = {str(v): splits_sha256(manifest[manifest["version"] <= v]) for v in range(1, version + 1)}
     return {"path": str(corpus if "://" in str(corpus) else Path(corpus).resolve()),
-            "splits_sha256": _sha(assignment.encode()),
+            "splits_sha256": by_version[str(version)], "version": version,
+            "splits_sha256_by_version": by_version,
             "pseudonym_scheme": record["pseudonym_scheme"],
             "norms_sha256": _sha(read_corpus_file(corpus, "norms.json")),
             "scans": {str(k): int(v) for k, v in ok["split"].value_counts().sort_index().items()},

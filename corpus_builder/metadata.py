@@ -82,11 +82,22 @@ def read_corpus_file(corpus: str | Path, name: str, *, storage_options: dict | N
 
 
 def read_manifest(corpus: str | Path, *, storage_options: dict | None = None) -> pd.DataFrame:
-    """`manifest.parquet`: one row per scan (key, dataset, subject, session, run, split, status, error, index,
-    ...), failed scans included."""
-    fs, path = _corpus_file(corpus, "manifest.parquet", storage_options)
+    """The manifest of the corpus's current version (`manifest.parquet` until an add; complete.json names it): one
+    row per scan (key, dataset, subject, session, run, split, status, error, index, version, ...), failed scans
+    included. `version` is the corpus version that added the scan (1 in a corpus built before versions)."""
+    name = "manifest.parquet"
+    fs, root = _filesystem(corpus, storage_options)
+    try:
+        with fs.open(f"{root.rstrip('/')}/complete.json", "rb") as f:
+            name = json.loads(f.read()).get("manifest", name)
+    except FileNotFoundError:
+        pass
+    fs, path = _corpus_file(corpus, name, storage_options)
     with fs.open(path, "rb") as f:
-        return pd.read_parquet(f)
+        manifest = pd.read_parquet(f)
+    if "version" not in manifest:
+        manifest["version"] = 1
+    return manifest
 
 
 def split_keys(corpus: str | Path, split: str, *, storage_options: dict | None = None) -> list[str]:

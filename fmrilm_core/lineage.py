@@ -91,6 +91,23 @@ def check_subjects(lineage: dict, corpus: dict, subjects: set[str], what: str) -
     return incomparable
 
 
+def grown_from(own: dict, corpus: dict) -> bool:
+    """Whether `corpus` (a fingerprint) is the corpus `own` fingerprinted, as it was then or grown since by `corpus
+    add`: the key -> split assignment of its scans as of `own`'s version is exactly `own`'s."""
+    if own.get("splits_sha256") == corpus.get("splits_sha256"):
+        return True
+    version = own.get("version", 1)
+    return (own.get("pseudonym_scheme") == corpus.get("pseudonym_scheme")
+            and (corpus.get("splits_sha256_by_version") or {}).get(str(version)) == own.get("splits_sha256"))
+
+
+def new_since(own: dict, corpus: dict) -> int | None:
+    """The version of `corpus` after which its scans are new to a model trained on `own` (None: the same version)."""
+    if not grown_from(own, corpus) or corpus.get("version", 1) == own.get("version", 1):
+        return None
+    return int(own.get("version", 1))
+
+
 def check_corpus(lineage: dict, corpus: dict, test_subjects: set[str], external: bool = False) -> dict:
     """The check `fmrilm eval` and `fmrilm ask` make before scoring: returns what eval.json records of it.
 
@@ -101,6 +118,8 @@ def check_corpus(lineage: dict, corpus: dict, test_subjects: set[str], external:
     own = lineage["corpus"]
     if not external:
         for field, name in (("pseudonym_scheme", "pseudonym scheme"), ("splits_sha256", "key -> split assignment")):
+            if field == "splits_sha256" and grown_from(own, corpus):
+                continue
             if own.get(field) != corpus.get(field):
                 raise InputError(f"{corpus.get('path')}: its {name} ({corpus.get(field)}) is not the one the model "
                                  f"was trained on ({own.get(field)}, {own.get('path')}); evaluate on that corpus, or "
