@@ -51,6 +51,7 @@ from corpus_builder.shard_passes import Shard, plan_shards
 from corpus_builder.splits import SPLITS, assign_splits
 from corpus_builder.versions import (
     COMPLETE,
+    FROZEN,
     STARTED,
     check_frozen,
     finished_record,
@@ -59,6 +60,7 @@ from corpus_builder.versions import (
     shard_checksums,
     shard_file_names,
     verify,
+    version_manifest,
     version_path,
     write_json_atomic,
 )
@@ -307,26 +309,25 @@ def repair(out: Path, cfg: CorpusConfig | None = None, *, progress=None, ray_add
         return report | {"repaired": []}
     cfg = corpus_config(out, cfg)
     versions = read_versions(out)
-    frozen = [p for p in report["problems"] if p["shard"] is None and not p["path"].startswith("versions/")
-              and p["path"] != "manifest.parquet"]
-    if frozen:
-        raise InputError(f"{out / frozen[0]['path']}: {frozen[0]['problem']}; not rebuilt by --repair (a refit "
-                         "makes another corpus): restore it from a copy")
+    manifests = {r["manifest"] for r in versions}
+    for p in report["problems"]:
+        if p["shard"] is None and p["path"] not in manifests:
+            why = "a refit makes another corpus" if p["path"] in FROZEN else "it is not rebuilt from sources"
+            raise InputError(f"{out / p['path']}: {p['problem']}; not repaired ({why}): restore it from a copy")
     record = finished_record(out)
     group = zarr.open_group(out / "timeseries.zarr", mode="r+")
     keys = group["keys"][:]
-    manifest = read_manifest(out)
     added_by = {name: r for r in versions for name in r["shards"]}
     seed, size = int(record["seed"]), cfg.build.shard_size
     for name in report["damaged_shards"]:
         version = added_by[name]
-        rows = manifest[manifest["shard"] == name]
+        rows = _intact_rows(out, versions, report, name)
         records = {r.key: r for r in discover_all(version["sources"], cfg.source)}
         missing = [k for k in rows["key"] if k not in records]
         if missing:
             raise InputError(f"shards/{name}: its source {','.join(version['sources'])} no longer holds scan "
                              f"{missing[0]}; restore the shard from a copy")
-        row0 = int(np.flatnonzero(keys == sorted(rows["key"])[0])[0])
+        row0 = _first_row(rows, version["checksums"]["shards"][name], keys, size)
         shard = Shard(name, str(rows["split"].iloc[0]), row0, [records[k] for k in sorted(rows["key"])],
                       version["version"])
         for file in shard_file_names(name).values():
@@ -349,9 +350,32 @@ def repair(out: Path, cfg: CorpusConfig | None = None, *, progress=None, ray_add
                                                                   if p["shard"] is None]}
 
 
+def _first_row(rows: pd.DataFrame, sums: dict, keys: np.ndarray, size: int) -> int:
+    """The shard's first zarr row: from its usable scans' rows, else its zarr block's path, else the keys array."""
+    ok = rows.loc[rows["index"] >= 0, "index"]
+    if len(ok):
+        return int(ok.min()) // size * size
+    block = next((p.split("/")[3] for p in sums if p.startswith("timeseries.zarr/")), None)
+    if block is not None:
+        return int(block) * size
+    return int(np.flatnonzero(keys == sorted(rows["key"])[0])[0])
+
+
+def _intact_rows(out: Path, versions: list[dict], report: dict, name: str) -> pd.DataFrame:
+    """The manifest rows of shard `name` from a record that verified: a version manifest that holds the shard, or
+    else the shard's own manifest part."""
+    damaged = {p["path"] for p in report["problems"]}
+    added = next(r["version"] for r in versions if name in r["shards"])
+    for r in versions[added - 1:]:
+        if r["manifest"] not in damaged:
+            manifest = pd.read_parquet(out / r["manifest"])
+            return manifest[manifest["shard"] == name]
+    part = f"shards/{shard_file_names(name)['manifest']}"
+    if part not in damaged:
+        return pd.read_parquet(out / part)
+    raise InputError(f"{out / part}: damaged, and so is every manifest that lists shard {name}'s scans; restore "
+                     "one of them from a copy")
+
+
 def _rebuild_manifest(out: Path, versions: list[dict], record: dict) -> None:
-    """A version's manifest from its shards' parts and those of every earlier version, in the order they were
-    written (the build's plan, then each add's)."""
-    parts = [pd.read_parquet(out / "shards" / f"{name}_manifest.parquet")
-             for r in versions[: record["version"]] for name in r["shards"]]
-    pd.concat(parts, ignore_index=True).to_parquet(out / record["manifest"], index=False)
+    version_manifest(out, versions, record).to_parquet(out / record["manifest"], index=False)

@@ -71,7 +71,8 @@ def _qc(out: Path, manifest: pd.DataFrame, shards: list[str]) -> dict:
 
 def format_info(info: dict) -> str:
     """The terminal form of `corpus_info`."""
-    lines = [f"{info['corpus']}: version {info['version']}, {info['scans']} scans ({info['ok']} ok, "
+    version = info["version"] if info["version"] is not None else "- (built before corpora recorded versions)"
+    lines = [f"{info['corpus']}: version {version}, {info['scans']} scans ({info['ok']} ok, "
              f"{info['failed']} failed) of {info['subjects']} subjects in {info['shards']} shards"]
     for v in info["versions"]:
         added = v.get("added") or {}

@@ -159,8 +159,8 @@ def read_versions(out: Path) -> list[dict]:
     record = finished_record(out)
     current = record.get("version")
     if current is None:
-        raise InputError(f"{out}: built before corpora recorded versions; `fmrilm corpus add` records its version 1 "
-                         "first, or rebuild it")
+        raise InputError(f"{out}: built before corpora recorded versions, so no checksums were written with its "
+                         "shards; rebuild it (or `fmrilm corpus add` records its version 1 from the files as they are)")
     versions = []
     for v in range(1, int(current) + 1):
         path = out / version_path(v)
@@ -224,6 +224,10 @@ def verify(out: Path) -> dict:
         for shard, sums in record["checksums"]["shards"].items():
             for rel, recorded in sums.items():
                 check(rel, recorded, shard)
+    for record in versions:  # a changed manifest: name the row, from the shards' own parts
+        for problem in problems:
+            if problem["path"] == record["manifest"] and problem["problem"] != "missing":
+                problem["problem"] += _changed_row(out, versions, record)
     complete = json.loads((out / COMPLETE).read_text())
     listed = sorted(s for r in versions for s in r["shards"])
     if sorted(complete.get("shards", [])) != listed:
@@ -231,6 +235,31 @@ def verify(out: Path) -> dict:
     problems += _check_keys(out, versions[-1])
     return {"version": versions[-1]["version"], "files_checked": checked, "problems": problems,
             "damaged_shards": sorted({p["shard"] for p in problems if p["shard"]})}
+
+
+def version_manifest(out: Path, versions: list[dict], record: dict) -> pd.DataFrame:
+    """A version's manifest as its build or add wrote it: the manifest parts of its shards and of every earlier
+    version's, in the order they were written."""
+    parts = [pd.read_parquet(out / "shards" / shard_file_names(name)["manifest"])
+             for r in versions[: record["version"]] for name in r["shards"]]
+    return pd.concat(parts, ignore_index=True)
+
+
+def _changed_row(out: Path, versions: list[dict], record: dict) -> str:
+    try:
+        found = pd.read_parquet(out / record["manifest"])
+        expected = version_manifest(out, versions, record)
+    except Exception:  # an unreadable manifest or part: the checksum line says enough
+        return ""
+    if list(found.columns) != list(expected.columns) or len(found) != len(expected):
+        return f"; {len(found)} rows x {len(found.columns)} columns, its shards hold {len(expected)} x " \
+               f"{len(expected.columns)}"
+    for i in range(len(found)):
+        a, b = found.iloc[i], expected.iloc[i]
+        for column in found.columns:
+            if not (a[column] == b[column] or (pd.isna(a[column]) and pd.isna(b[column]))):
+                return f"; row of scan {b['key']}: {column} is {a[column]!r}, its shard records {b[column]!r}"
+    return ""
 
 
 def _check_keys(out: Path, last: dict) -> list[dict]:

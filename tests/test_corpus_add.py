@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import ray
 import webdataset as wds
@@ -251,9 +252,15 @@ def test_verify_names_a_truncated_tar_and_an_overwritten_zarr_block_and_repair_m
     victim = v1["shards"][1]
     block = next(p for p in v1["checksums"]["shards"][victim] if p.startswith("timeseries.zarr/ts/"))
     (out / block).write_bytes(os.urandom((out / block).stat().st_size))
+    edited = pd.read_parquet(out / v2["manifest"])
+    row = edited.index[edited["split"] == "train"][0]
+    edited.loc[row, "split"] = "test"  # a train scan slipped into the test split by hand
+    edited.to_parquet(out / v2["manifest"], index=False)
 
     report = verify(out)
     problems = {p["path"]: p for p in report["problems"]}
+    assert problems[v2["manifest"]]["problem"].endswith(
+        f"row of scan {edited.loc[row, 'key']}: split is 'test', its shard records 'train'")
     assert problems[f"shards/{v2['shards'][0]}.tar"]["problem"].startswith("truncated")
     assert problems[block]["problem"] == "content changed (sha256 differs)" and problems[block]["shard"] == victim
     assert report["damaged_shards"] == sorted([v2["shards"][0], victim])
@@ -262,7 +269,8 @@ def test_verify_names_a_truncated_tar_and_an_overwritten_zarr_block_and_repair_m
     assert result.returncode == 1 and f"{v2['shards'][0]}.tar: truncated" in result.stderr
 
     mended = repair(out)
-    assert mended["problems"] == [] and sorted(mended["repaired"]) == sorted([v2["shards"][0], victim])
+    assert mended["problems"] == [] and sorted(mended["repaired"]) == sorted([v2["shards"][0], victim,
+                                                                               v2["manifest"]])
     now = file_hashes(out)
     assert {p: now[p] for p in original if not p.endswith("_stats.json")} == \
         {p: h for p, h in original.items() if not p.endswith("_stats.json")}
@@ -293,3 +301,21 @@ def test_a_model_trained_before_the_add_is_evaluated_on_the_grown_corpus(grown, 
     assert new["since_version"] == 1 and new["keys"] == sorted(test_new["key"]) and new["scans"] > 0
     assert info["corpus_fingerprint"]["version"] == 2 and info["test_scans"] == int(
         ((manifest["split"] == "test") & (manifest["status"] == "ok")).sum())
+
+
+def test_a_corpus_built_before_versions_is_recorded_by_its_first_add(grown, waves, tmp_path):
+    legacy = tmp_path / "corpus"
+    shutil.copytree(grown["v1"], legacy)
+    shutil.rmtree(legacy / "versions")  # as a build before versions left it: no records, complete.json without them
+    complete = json.loads((legacy / "complete.json").read_text())
+    (legacy / "complete.json").write_text(json.dumps({k: v for k, v in complete.items()
+                                                      if k not in ("version", "manifest")}))
+    with pytest.raises(InputError, match="built before corpora recorded versions"):
+        verify(legacy)
+    with pytest.raises(InputError, match="pass the --config"):
+        add_to_corpus([str(waves[1])], legacy)
+    assert add_to_corpus([str(waves[1])], legacy, corpus_config())["version"] == 2
+    first = json.loads((legacy / "versions" / "v0001.json").read_text())
+    assert "recorded" in first and first["config"] == corpus_config().model_dump(mode="json")
+    assert verify(legacy)["problems"] == []
+    assert set(read_manifest(legacy)["key"]) == set(read_manifest(grown["out"])["key"])
