@@ -16,6 +16,15 @@ pool start. Prints the rates and ratios, build x2 / baseline (target >= 0.8) and
 driver's work between them (reference fit, norms), and per pass how busy the workers were and what share of
 a core each task got (a share well below 1 on a CPU-bound pass means other processes took the cores: on a
 shared machine, read the speed-up with it).
+
+    python bench/build.py --add [--scans 400] [--new-share 0.1] [--workdir DIR] [--repeat 1]
+
+Add mode (`fmrilm corpus add`): the cohort's subjects split into a base (90 %) and a new wave (10 %, hard links);
+the base corpus is built once, then interleaved in subprocesses: `add` (a fresh copy of the base corpus, the new
+wave added) against `alone` (a corpus built from the new wave's scans alone), both with 2 workers and without
+`ray.init`. Prints add / alone (target <= 1.2) and what the add did to the base corpus's shard files (tars,
+manifest parts, markers, zarr blocks): read (their access time, reset to 0 before the add, moves on any read
+under relatime or strictatime) and written (content hash), in files and bytes (target: none).
 """
 
 from __future__ import annotations
@@ -158,6 +167,95 @@ def run_build(source: Path, out: Path, workers: int, shard_size: int) -> dict:
             "seconds": end - start - ray_start, "ray_start": ray_start, "phases": phases, "passes": passes}
 
 
+def run_add(source: Path, out: Path) -> dict:
+    import ray
+
+    import corpus_builder.grow as grow
+
+    clock = {"ray start": 0.0}
+    init = ray.init
+
+    def timed_init(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return init(*args, **kwargs)
+        finally:
+            clock["ray start"] += time.perf_counter() - t0
+
+    ray.init = timed_init
+    start = time.perf_counter()
+    result = grow.add_to_corpus([str(source)], out)
+    seconds = time.perf_counter() - start - clock["ray start"]
+    return {"scans": result["scans"], "shards": result["shards"], "seconds": seconds, "ray_start": clock["ray start"]}
+
+
+def split_cohort(source: Path, share: float) -> tuple[Path, Path]:
+    """The cohort's subjects as two roots of hard links: the base and the last `share` of subjects."""
+    base, new = source.parent / f"{source.name}-base", source.parent / f"{source.name}-new{share:g}"
+    subjects = sorted(p.name for p in source.glob("sub-*"))
+    cut = len(subjects) - max(1, round(share * len(subjects)))
+    for root, chosen in ((base, subjects[:cut]), (new, subjects[cut:])):
+        if root.exists():
+            continue
+        root.mkdir()
+        for f in source.iterdir():
+            if f.is_file():
+                os.link(f, root / f.name)
+        for subject in chosen:
+            shutil.copytree(source / subject, root / subject, copy_function=os.link)
+    return base, new
+
+
+def shard_files(corpus: Path) -> list[Path]:
+    """A corpus's per-shard files: tars, manifest parts, markers and zarr blocks."""
+    return sorted([*(corpus / "shards").iterdir(), *(p for p in (corpus / "timeseries.zarr").rglob("*")
+                                                    if p.is_file() and "/c/" in str(p))])
+
+
+def add_mode(args, runs_root: Path) -> None:
+    import hashlib
+
+    source = make_cohort(runs_root, args.scans)
+    base_src, new_src = split_cohort(source, args.new_share)
+    base = runs_root / f"corpus-base-{args.scans}"
+    if not (base / "complete.json").is_file():
+        print("building the base corpus (once) ...", flush=True)
+        child(["--child", "build", "--source", str(base_src), "--out", str(base), "--workers", "2",
+               "--shard-size", str(args.shard_size)])
+    runs: dict[str, list[dict]] = {"add": [], "alone": []}
+    for round_ in range(args.repeat):
+        for name in runs:
+            print(f"round {round_ + 1}/{args.repeat}: {name} ...", flush=True)
+            out = runs_root / f"corpus-{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            if name == "alone":
+                runs[name].append(child(["--child", "build", "--source", str(new_src), "--out", str(out),
+                                         "--workers", "2", "--shard-size", str(args.shard_size)]))
+                continue
+            shutil.copytree(base, out)
+            old = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in shard_files(out)}
+            for p in old:
+                os.utime(p, (0, p.stat().st_mtime))
+            result = child(["--child", "add", "--source", str(new_src), "--out", str(out)])
+            read = [p for p in old if p.stat().st_atime > 0]
+            written = [p for p, h in old.items() if not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() != h]
+            result |= {"old_files": len(old), "old_bytes": sum(p.stat().st_size for p in old),
+                       "read": len(read), "read_bytes": sum(p.stat().st_size for p in read),
+                       "written": len(written), "written_bytes": sum(p.stat().st_size for p in written if p.exists())}
+            runs[name].append(result)
+    best = {name: min(rs, key=lambda r: r["seconds"]) for name, rs in runs.items()}
+    add, alone = best["add"], best["alone"]
+    print(f"\nbase corpus: {args.scans - add['scans']} scans; new wave: {add['scans']} scans of new subjects "
+          f"({args.new_share:.0%}); shard size {args.shard_size}; {os.cpu_count()} CPUs; best of {args.repeat}")
+    print(f"{'run':8s} {'seconds':>8s} {'shards':>7s}   (ray start s)")
+    for name, r in best.items():
+        print(f"{name:8s} {r['seconds']:8.1f} {r['shards']:7d}   ({r['ray_start']:.1f})")
+    print(f"add / alone                {add['seconds'] / alone['seconds']:5.2f}   (target <= 1.20)")
+    print(f"base corpus shard files: {add['old_files']} ({add['old_bytes'] / 1e6:.1f} MB); read by the add: "
+          f"{add['read']} ({add['read_bytes'] / 1e6:.2f} MB); written: {add['written']} "
+          f"({add['written_bytes'] / 1e6:.2f} MB)   (target: 0 and 0)")
+
+
 # ---- parent -------------------------------------------------------------------------------------------
 
 def make_cohort(root: Path, scans: int) -> Path:
@@ -190,7 +288,9 @@ def main() -> None:
                         help="cache for the cohort (default: a temp dir, removed after); corpora go here too")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of the three runs; the best of each is kept")
     parser.add_argument("--shard-size", type=int, default=64, help="corpus.build.shard_size (the default: 64)")
-    parser.add_argument("--child", choices=["baseline", "build"], help=argparse.SUPPRESS)
+    parser.add_argument("--add", action="store_true", help="add mode: `corpus add` of a new wave vs building it alone")
+    parser.add_argument("--new-share", type=float, default=0.1, help="add mode: share of subjects in the new wave")
+    parser.add_argument("--child", choices=["baseline", "build", "add"], help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
@@ -202,12 +302,20 @@ def main() -> None:
     if args.child == "build":
         print(json.dumps(run_build(args.source, args.out, args.workers, args.shard_size)))
         return
+    if args.child == "add":
+        print(json.dumps(run_add(args.source, args.out)))
+        return
 
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="fmrilm-bench-build-")
         args.workdir = Path(tmp.name)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.add:
+        add_mode(args, args.workdir)
+        if tmp is not None:
+            tmp.cleanup()
+        return
     source = make_cohort(args.workdir, args.scans)
 
     runs: dict[str, list[dict]] = {"baseline": [], "build x2": [], "build x1": []}

@@ -15,8 +15,7 @@ scored apart (bench/caption_recoverability.py's JSON; by default the list measur
 same generator, whose 3200 train scans give the probe more power than this corpus's 320).
 Writes `<workdir>/objectives.json` and prints the table.
 
-Status (2026-12-07): written and its config validated, not yet run end to end (the session's two cores were taken by
-the other benches); its first run is the figure the stage-2 issue asks for.
+Each variant's tuned AUC is also given minus the default's, paired over the same test subjects.
 """
 
 from __future__ import annotations
@@ -43,6 +42,19 @@ def fidelity(m: dict, claims: str) -> str:
     low, high = m.get(f"{key}_minus_shuffled_ci_low"), m.get(f"{key}_minus_shuffled_ci_high")
     return (f"{m[key]:.3f} (shuffled {m[f'{key}_shuffled']:.3f}; diff {m[f'{key}_minus_shuffled']:+.3f} "
             f"[{low:+.2f}, {high:+.2f}])")
+
+
+def minus_main(workdir: Path, name: str, task: str) -> str:
+    """The variant's tuned AUC minus the default's on the same test scans, paired over test subjects."""
+    from evaluation.metrics import paired_difference
+
+    root = workdir / "ablations" / name
+    mine, main_ = (json.loads((r / "eval" / "predictions.json").read_text()).get(task) for r in (root, workdir))
+    if not mine or not main_ or "tuned" not in mine or "tuned" not in main_ or mine["keys"] != main_["keys"]:
+        return ""
+    diff = paired_difference("classification", mine["y"], mine["tuned"], main_["tuned"], mine["subjects"])["auc"]
+    ci = diff["ci"]
+    return f"; minus default {diff['diff']:+.3f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
 
 
 def rows(workdir: Path, names: list[str]) -> dict[str, dict]:
@@ -93,7 +105,8 @@ def main() -> None:
             ci = diff.get("ci")
             versus = f"; minus FC {diff['diff']:+.3f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
             print(f"  {task} tuned AUC {interval(entry['tuned'], 'auc')}  (FC baseline "
-                  f"{interval(entry['fc_baseline'], 'auc')}{versus})")
+                  f"{interval(entry['fc_baseline'], 'auc')}{versus}"
+                  f"{minus_main(workdir, name, task) if name != 'main' else ''})")
     (workdir / "objectives.json").write_text(json.dumps(
         {name: {"overrides": [] if name == "main" else cfg.ablations[name], **r} for name, r in table.items()},
         indent=1))
