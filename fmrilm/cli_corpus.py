@@ -101,19 +101,26 @@ def corpus_add(
     byte-identical), frozen norms and reference fit, a subject keeps its split. Re-running resumes; re-adding a
     source adds nothing."""
     from cluster.address import probe_ray
-    from corpus_builder.grow import add_to_corpus
+    from fmrilm.stages import RESOLVED, run_corpus_add
+    from fmrilm.tracking import tracker_for
 
     cfg = _corpus_config(corpus, config, set_)
     guard(probe_ray, address)
     specs = [s for s in source.split(",") if s]
-    result = guard(add_to_corpus, specs, corpus, cfg, progress=progress_bar, ray_address=address)
+    # the run store and experiment of the build: the config it recorded (a build by `fmrilm`), else --config's
+    built = corpus / RESOLVED
+    project = load(built if built.is_file() and config is None else config, None)
+    run = guard(run_corpus_add, specs, corpus, tracker_for(project, project.workdir), cfg, ray_address=address,
+                progress=progress_bar)
+    result = run.summary
     if not result["added"]:
         typer.echo(f"nothing to add: every scan of {source} is in {corpus} (version {result['version']})")
         return
     splits = ", ".join(f"{k} {v}" for k, v in sorted(result["splits"].items()))
     typer.echo(f"version {result['version']}: +{result['scans']} scans ({result['ok']} ok, {result['failed']} "
                f"failed; {result['subjects']} new subjects, {result['sessions_of_known_subjects']} sessions of known "
-               f"ones; {splits}) in {result['shards']} new shards -> {corpus}  ({result['seconds']} s)")
+               f"ones; {splits}) in {result['shards']} new shards -> {corpus}  ({result['seconds']} s; MLflow run "
+               f"{run.run_id})")
 
 
 @corpus_app.command("info")

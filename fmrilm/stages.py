@@ -39,6 +39,7 @@ from fmrilm.stage import Registry, Stage, StageContext, StageResult, numbers
 from fmrilm_core.errors import InputError
 
 if TYPE_CHECKING:
+    from corpus_builder.config import CorpusConfig
     from fmrilm.tracking import StageRun, Tracker
 
 RESOLVED = "config.resolved.yaml"  # `save_resolved`'s file
@@ -127,6 +128,23 @@ def run_corpus_build(cfg: PipelineConfig, specs: list[str], out: Path, tracker: 
             run.log_artifact(out / artifact)
         run.log_artifact(resolved)
         return StageResult("corpus", out, run.run_id, summary)
+
+
+def run_corpus_add(specs: list[str], out: Path, tracker: Tracker, cfg: CorpusConfig | None = None,
+                   ray_address: str | None = None, progress=no_progress) -> StageResult:
+    """`fmrilm corpus add` (not a pipeline stage): the new scans of `specs` as a new version of the corpus `out`, in
+    an MLflow run `corpus-add` beside the build's (its metrics, the new version's record as an artifact)."""
+    from corpus_builder.grow import add_to_corpus
+    from corpus_builder.versions import version_path
+
+    with tracker.run("corpus-add", params={"corpus": str(out), "sources": ",".join(specs)}) as run:
+        result = add_to_corpus(specs, out, cfg, progress=progress, ray_address=ray_address)
+        run.set_tag("corpus.version", str(result["version"]))
+        run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                        | {f"split.{k}": v for k, v in result.get("splits", {}).items()})
+        if result["added"]:
+            run.log_artifact(out / version_path(result["version"]))
+        return StageResult("corpus-add", out, run.run_id, result)
 
 
 def _sources(ctx: StageContext) -> list[str]:

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import ray
 import webdataset as wds
+from mlflow.tracking import MlflowClient
 
 from corpus_builder.build import build_corpus
 from corpus_builder.config import SynthConfig
@@ -31,7 +32,7 @@ from corpus_builder.info import corpus_info
 from corpus_builder.readers import open_zarr, read_captions, read_manifest, read_norms, shard_urls
 from corpus_builder.synth import synthesize
 from corpus_builder.versions import verify
-from fmrilm.config import load_config
+from fmrilm.config import load_config, save_resolved
 from fmrilm_core.errors import InputError
 from tests.conftest import N_ROIS, T
 from tests.test_build import _kill_build
@@ -79,6 +80,8 @@ def grown(waves, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("grown")
     out = root / "corpus"
     build_corpus([str(first)], corpus_config(), out)
+    # as `fmrilm corpus build` leaves it: the config it ran with (the CLI's add logs to that workdir's MLflow store)
+    save_resolved(load_config(None, [*OVERRIDES, f"workdir={root / 'work'}"]), out)
     shutil.copytree(out, root / "v1")
     before = file_hashes(out)
     result = add_to_corpus([str(second)], out)
@@ -231,7 +234,18 @@ def test_killed_add_leaves_the_previous_version_and_resumes_to_the_uninterrupted
         sorted(p.name for p in (grown["v1"] / "shards").glob("*.tar"))
     assert set(open_zarr(out).keys()) == set(open_zarr(grown["v1"]).keys())
 
-    add_to_corpus([str(waves[1])], out)
+    resumed = subprocess.run([sys.executable, "-m", "fmrilm.cli", "corpus", "add", "--corpus", str(out), "--source",
+                              str(waves[1])], cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.startswith("version 2: +16 scans")
+    # the add is an MLflow run in the build's store: its figures and the new version's record
+    client = MlflowClient(f"sqlite:///{grown['out'].parent / 'work' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "attributes.run_name = 'corpus-add' and attributes.status = 'FINISHED'")
+    logged = [r for r in runs if r.data.params["corpus"] == str(out)]
+    assert len(logged) == 1 and logged[0].data.tags["corpus.version"] == "2"
+    assert logged[0].data.metrics["added"] == 16 and logged[0].data.metrics["version"] == 2
+    assert [a.path for a in client.list_artifacts(logged[0].info.run_id)] == ["v0002.json"]
     same, other = file_hashes(out), file_hashes(grown["out"])
     records = [p for p in same if p.startswith("versions/v") and p.endswith(".json")]
     for name in records:  # equal but for the time they were written
