@@ -103,23 +103,27 @@ def _first_change(ours, theirs, path: str) -> str:
     return path
 
 
-def ensure_versions(out: Path, cfg: CorpusConfig) -> list[dict]:
-    """The corpus's version records; a corpus built before versions gets its version 1 recorded now (checksums of
-    its files as they are, its config)."""
+def legacy_version(out: Path, cfg: CorpusConfig) -> dict | None:
+    """A corpus built before versions: the version-1 record its first add writes (checksums of its files as they are,
+    its config); None for a corpus with versions."""
     out = Path(out)
     record = finished_record(out)
     if record.get("version") is not None:
-        return read_versions(out)
+        return None
     started = json.loads((out / STARTED).read_text())
     manifest = read_manifest(out)
     sums = {name: shard_checksums(out, name, i, "shards") for i, name in enumerate(record["shards"])}
     first = make_record(out, version=1, parent=None, sources=started.get("sources", []),
                         source_files=record.get("source_files"), shards=sums, manifest="manifest.parquet",
                         manifest_df=manifest, added=manifest, known_subjects=set(), config=cfg.model_dump(mode="json"))
-    first["recorded"] = "after the build, by its first `corpus add` (checksums of the files as they were then)"
+    return first | {"recorded": "after the build, by its first `corpus add` (checksums of the files as they were then)"}
+
+
+def _adopt(out: Path, first: dict) -> None:
+    """Write a legacy corpus's version 1 (with the add's plan, after every check)."""
     write_json_atomic(out / version_path(1), first)
+    record = finished_record(out)
     _write_atomic(out / COMPLETE, json.dumps(record | {"version": 1, "manifest": "manifest.parquet"}, indent=1))
-    return read_versions(out)
 
 
 # ---- add ----------------------------------------------------------------------------------------------------
@@ -134,7 +138,8 @@ def add_to_corpus(specs: list[str], out: Path, cfg: CorpusConfig | None = None, 
     out = Path(out)
     record = finished_record(out)
     cfg = corpus_config(out, cfg)
-    versions = ensure_versions(out, cfg)
+    adopted = legacy_version(out, cfg)
+    versions = [adopted] if adopted is not None else read_versions(out)
     check_frozen(out, versions)
     seed, current = int(record["seed"]), versions[-1]["version"]
     plan = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
@@ -161,6 +166,8 @@ def add_to_corpus(specs: list[str], out: Path, cfg: CorpusConfig | None = None, 
     if plan is None:
         plan = {"sources": specs, "version": current + 1, "parent": current, "shards": names,
                 "rows": [first_row, first_row + len(shards) * size], "committing": False}
+        if adopted is not None:
+            _adopt(out, adopted)
         write_json_atomic(out / PLAN, plan)  # first: what the add writes, so a kill can be resumed
     elif plan["shards"] != names or plan["version"] != current + 1:
         raise InputError(f"{out / PLAN}: an interrupted add planned other shards than these sources give now "

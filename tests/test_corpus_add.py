@@ -328,6 +328,13 @@ def test_a_corpus_built_before_versions_is_recorded_by_its_first_add(grown, wave
         verify(legacy)
     with pytest.raises(InputError, match="pass the --config"):
         add_to_corpus([str(waves[1])], legacy)
+    rekeyed = tmp_path / "rekeyed"
+    shutil.copytree(waves[1], rekeyed)
+    (rekeyed / ".pseudonym_key").write_text("d" * 64)
+    before = file_hashes(legacy)
+    with pytest.raises(InputError, match="another secret"):  # a bad first add records nothing either
+        add_to_corpus([str(rekeyed)], legacy, corpus_config())
+    assert file_hashes(legacy) == before
     assert add_to_corpus([str(waves[1])], legacy, corpus_config())["version"] == 2
     first = json.loads((legacy / "versions" / "v0001.json").read_text())
     assert "recorded" in first and first["config"] == corpus_config().model_dump(mode="json")
