@@ -51,7 +51,7 @@ from fmrilm_core.engine import lr_lambda
 from fmrilm_core.llm import load_tokenizer
 from llm_train.connectivity import fit_on_corpus
 from llm_train.data import AlignBatches, CaptionSuffix
-from llm_train.evaluate import caption_fidelity, constant_claims, generate
+from llm_train.evaluate import caption_fidelity, caption_loss_given_scan, constant_claims, generate
 from llm_train.model import IGNORE, AlignModel
 from llm_train.train import load_brain_tokenizer
 from llm_train.vocabulary import add_brain_tokens, init_brain_rows
@@ -148,22 +148,13 @@ def build(args, brain_tokenizer, connectivity, captions: list[str]):
 
 @torch.no_grad()
 def caption_nll(model, compact: CompactVocabulary | None, val: AlignBatches, keys: list[str], suffix) -> dict:
-    """Teacher-forced caption loss (per caption token) of each val scan's own caption given its own scan, and given
-    another val scan (the next key): how much the scan tells about its caption, before greedy decoding has to turn
-    it into a different word. Paired over scans, with a 95 % bootstrap interval of the difference."""
-    from fmrilm_core.bootstrap import paired_mean_difference
+    """Teacher-forced caption loss given the scan's own tokens and given the shuffled control's scan
+    (`llm_train.evaluate.caption_loss_given_scan`, as stage 2's validation reports it), paired over scans."""
+    def loss(batch: dict) -> torch.Tensor:
+        return model.f2t_loss(compact.batch(batch) if compact is not None else batch)
 
-    scans = [val.scans_of([k]) for k in keys]
-    own, other = [], []
-    for i, key in enumerate(keys):
-        caption = suffix([val.scans.caption_of[key]])
-        for scan, out in ((scans[i], own), (scans[(i + 1) % len(keys)], other)):
-            batch = scan | caption
-            batch = compact.batch(batch) if compact is not None else batch
-            out.append(float(model.f2t_loss(batch)))
-    paired = paired_mean_difference(other, own, keys)
-    return {"nll_own": sum(own) / len(own), "nll_other": sum(other) / len(other), "nll_gain": paired["diff"],
-            "nll_gain_ci": paired["ci"]}
+    return caption_loss_given_scan(loss, [val.scans_of([k]) for k in keys],
+                                   [suffix([val.scans.caption_of[k]]) for k in keys], keys)
 
 
 @torch.no_grad()
@@ -267,10 +258,10 @@ def main() -> None:
             line += (f"  recoverable {m['caption_fidelity_recoverable']:.3f} (shuffled "
                      f"{m['caption_fidelity_shuffled_recoverable']:.3f}, constant "
                      f"{m['caption_fidelity_constant_recoverable']:.3f})")
-        ci = m["nll_gain_ci"] or [float("nan")] * 2
-        line += (f"\n        caption loss given its own scan {m['nll_own']:.4f}, given another scan "
-                 f"{m['nll_other']:.4f}: the scan saves {m['nll_gain']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] nats per "
-                 "caption token")
+        ci = m["caption_loss_saved_by_scan_ci_low"], m["caption_loss_saved_by_scan_ci_high"]
+        line += (f"\n        caption loss given its own scan {m['caption_loss_own_scan']:.4f}, given another scan "
+                 f"{m['caption_loss_shuffled_scan']:.4f}: the scan saves {m['caption_loss_saved_by_scan']:+.4f} "
+                 f"[{ci[0]:+.4f}, {ci[1]:+.4f}] nats per caption token")
         print(line, flush=True)
         return m
 

@@ -93,6 +93,10 @@ def main() -> None:
         print(f"\n{name}: {overrides}")
         print(f"  caption fidelity, all claims    {fidelity(a, '')}")
         print(f"  caption fidelity, recoverable   {fidelity(a, '_recoverable')}")
+        if "caption_loss_saved_by_scan" in a:
+            print(f"  caption loss saved by the scan {a['caption_loss_saved_by_scan']:+.4f} "
+                  f"[{a['caption_loss_saved_by_scan_ci_low']:+.4f}, {a['caption_loss_saved_by_scan_ci_high']:+.4f}]"
+                  " nats per caption token (teacher-forced)")
         if "f2f_accuracy" in a:
             print(f"  F2F accuracy {a['f2f_accuracy']:.4f}  (copy {a['f2f_copy_baseline']:.4f}, most frequent "
                   f"{a['f2f_frequent_baseline']:.4f}, bigram {a.get('f2f_bigram_baseline', float('nan')):.4f})")

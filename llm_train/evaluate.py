@@ -10,7 +10,9 @@ controls, T2T perplexity before and after).
   scan's claims: what the model says without reading this scan) and *constant* (for every claim, the value most
   common in the train captions). With the scans' subjects, the paired difference from the shuffled control gets a
   95 % bootstrap interval over subjects (`fmrilm_core.bootstrap`); with `eval.claims`, the same
-  figures again on those claims alone (`caption_fidelity_recoverable`, ...).
+  figures again on those claims alone (`caption_fidelity_recoverable`, ...). Beside it, teacher-forced, the caption
+  loss its own scan saves against the shuffled control's scan (`caption_loss_saved_by_scan`, paired interval over
+  subjects): the early sign of a model reading the scan.
 - T2T perplexity on held-out documents of the text corpus: over the text rows of the vocabulary only (at step 0 this
   is exactly the base model's, since new rows do not change the text logits) and over the whole extended vocabulary.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import numpy as np
 import torch
@@ -140,6 +142,30 @@ def constant_claims(train_captions: list[str]) -> set[tuple[str, str]]:
     return {(name, counter.most_common(1)[0][0]) for name, counter in votes.items()}
 
 
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """For each of n val scans, the other scan its shuffled-scan control uses (a seeded shift: never itself)."""
+    shift = 1 + int(np.random.default_rng(seed).integers(0, max(1, n - 1)))
+    return [(i + shift) % n for i in range(n)] if n > 1 else [0]
+
+
+@torch.no_grad()
+def caption_loss_given_scan(loss: Callable[[dict], torch.Tensor], scans: list[dict], suffixes: list[dict],
+                            groups, seed: int = 0) -> dict[str, float]:
+    """Teacher-forced: each val caption's loss (nats per caption token, `loss` = `AlignModel.f2t_loss` on one scan and
+    its caption) given its own scan and given the shuffled control's scan (`derangement`). The paired difference,
+    other minus own with a 95 % bootstrap interval over `groups` (subjects), is the caption loss the scan saves: it
+    moves before greedy captions change words, so it shows a model starting to read the scan long before caption
+    fidelity does (docs/results.md, the learnability bench)."""
+    other = derangement(len(scans), seed)
+    own = [float(loss(scans[i] | suffixes[i])) for i in range(len(scans))]
+    shuffled = [float(loss(scans[other[i]] | suffixes[i])) for i in range(len(scans))]
+    paired = paired_mean_difference(shuffled, own, groups, seed)
+    low, high = paired["ci"] or (float("nan"), float("nan"))
+    return {"caption_loss_own_scan": float(np.mean(own)), "caption_loss_shuffled_scan": float(np.mean(shuffled)),
+            "caption_loss_saved_by_scan": paired["diff"], "caption_loss_saved_by_scan_ci_low": low,
+            "caption_loss_saved_by_scan_ci_high": high}
+
+
 def caption_shares(generated: list[str], true: list[str], constant: set[tuple[str, str]], seed: int = 0,
                    claims: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """Per val scan, the share of its true caption's claims made by: its generated caption (`model`), another scan's
@@ -151,8 +177,7 @@ def caption_shares(generated: list[str], true: list[str], constant: set[tuple[st
         truth = [{c for c in t if c[0] in names} for t in truth]
     said = [caption_claims(g) for g in generated]
     n = len(truth)
-    shift = 1 + int(np.random.default_rng(seed).integers(0, max(1, n - 1)))  # a derangement: never the scan itself
-    other = [(i + shift) % n for i in range(n)] if n > 1 else [0]
+    other = derangement(n, seed)
 
     def share(claims: set, target: set) -> float:
         return len(claims & target) / len(target) if target else float("nan")

@@ -32,6 +32,7 @@ from llm_train.data import AlignBatches, CaptionSuffix, TextChunks, encode_scans
 from llm_train.evaluate import (
     bigram_table,
     caption_fidelity,
+    caption_loss_given_scan,
     constant_claims,
     f2f_accuracy,
     generate,
@@ -215,6 +216,8 @@ class ValidationSet:
         if unknown:
             raise InputError(f"align.eval.claims: {', '.join(unknown)} is no claim of {corpus}'s train captions")
         self.caption_batches = [val.scans_of(self.caption_keys[i:i + 4]) for i in range(0, len(self.caption_keys), 4)]
+        self.caption_scans = [val.scans_of([k]) for k in self.caption_keys]  # teacher-forced, one scan at a time
+        self.caption_suffixes = [val.suffix([c]) for c in self.captions]
         self.prompt_ids = tokenizer(cfg.prompt + "\n", add_special_tokens=False)["input_ids"]
 
     def perplexity(self, model: AlignModel, device) -> dict[str, float]:
@@ -237,6 +240,9 @@ class ValidationSet:
             out |= {k.replace("caption_fidelity", "caption_fidelity_recoverable"): v for k, v in caption_fidelity(
                 generated, self.captions, self.constant, self.cfg.seed, self.cfg.eval.claims, self.subjects).items()
                 if k.startswith("caption_fidelity")}
+        out |= caption_loss_given_scan(
+            model.f2t_loss, [{k: v.to(device) for k, v in b.items()} for b in self.caption_scans],
+            [{k: v.to(device) for k, v in b.items()} for b in self.caption_suffixes], self.subjects, self.cfg.seed)
         out |= self.perplexity(model, device)
         self.last_generated = generated
         model.train(was_training)

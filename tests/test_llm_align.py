@@ -143,7 +143,8 @@ def test_align_trains_measures_and_saves_a_stock_loadable_model(stage1, llm_dir,
     for key in ("f2f_accuracy", "f2f_copy_baseline", "f2f_frequent_baseline", "f2f_bigram_baseline", "caption_fidelity",
                 "caption_fidelity_shuffled", "caption_fidelity_constant", "t2t_perplexity", "t2t_perplexity_base",
                 "caption_fidelity_minus_shuffled_ci_low", "caption_fidelity_recoverable",
-                "caption_fidelity_recoverable_shuffled", "caption_fidelity_recoverable_minus_shuffled_ci_high"):
+                "caption_fidelity_recoverable_shuffled", "caption_fidelity_recoverable_minus_shuffled_ci_high",
+                "caption_loss_saved_by_scan", "caption_loss_saved_by_scan_ci_low"):
         assert f"val/{key}" in metrics, key
     assert metrics["val/f2f_accuracy"] > metrics["val/f2f_copy_baseline"]
     meta = json.loads((out / "brain.json").read_text())

@@ -9,11 +9,12 @@ small. `bench/stage2_learnability.py` is the same check on the bench corpus with
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llm_train.connectivity import ConnectivityTokens
 from llm_train.data import CaptionSuffix
-from llm_train.evaluate import generate
+from llm_train.evaluate import caption_loss_given_scan, generate
 from llm_train.model import AlignModel
 from llm_train.vocabulary import add_brain_tokens, init_brain_rows
 from tests.conftest import tiny_tokenizer
@@ -84,6 +85,14 @@ def test_what_the_scan_tokens_say_reaches_the_caption():
     # a caption that ignores the scan is right half the time on each word
     assert code_word >= 0.9, f"the brain code's word right on {code_word:.0%} of held-out scans"
     assert level_word >= 0.9, f"the connectivity level's word right on {level_word:.0%} of held-out scans"
+
+    # validation's teacher-forced yardstick sees it too: each held-out caption costs less given its own scan than
+    # given the shuffled control's scan, with an interval that excludes 0
+    one = [{k: v[i:i + 1] for k, v in scans.items()} for i in range(32)]
+    saved = caption_loss_given_scan(model.f2t_loss, one, [suffix([c]) for c in captions[:32]], list(range(32)))
+    assert saved["caption_loss_saved_by_scan"] > 0.1 and saved["caption_loss_saved_by_scan_ci_low"] > 0, saved
+    assert saved["caption_loss_shuffled_scan"] - saved["caption_loss_own_scan"] == \
+        pytest.approx(saved["caption_loss_saved_by_scan"])
 
 
 def test_caption_loss_has_a_gradient_on_the_brain_and_connectivity_rows():
