@@ -67,7 +67,8 @@ def verdicts(m: dict) -> list[str]:
 
 CURVE = ("caption_fidelity", "caption_fidelity_shuffled", "caption_fidelity_minus_shuffled_ci_low",
          "caption_fidelity_recoverable", "caption_fidelity_recoverable_shuffled",
-         "caption_fidelity_recoverable_minus_shuffled_ci_low", "f2f_accuracy", "t2t_perplexity")
+         "caption_fidelity_recoverable_minus_shuffled_ci_low", "caption_loss_saved_by_scan",
+         "caption_loss_saved_by_scan_ci_low", "f2f_accuracy", "t2t_perplexity")
 
 
 def learning_curve(tracker, run_id: str) -> dict[str, dict[int, float]]:
