@@ -209,7 +209,7 @@ def load_aligned(directory: Path, device: str | torch.device = "cpu", dtype: tor
     brain_tokenizer = BrainTokenizer.from_pretrained(directory / meta["brain_tokenizer"], device)
     adapter = None
     if meta["input_mode"] == "features":
-        width = backbone.get_input_embeddings().embedding_dim
+        width = backbone.config.hidden_size  # (a LoRA folder's embedding is peft's wrapper, without embedding_dim)
         adapter = BrainFeatureAdapter(brain_tokenizer.config.llm_dim, width, meta["n_rois"], meta["codebook_size"])
         adapter.load_state_dict(load_file(directory / ADAPTER))
         adapter.to(dtype)

@@ -217,16 +217,18 @@ def test_gradient_checkpointing_changes_memory_not_the_numbers(stage1, llm_dir, 
     assert runs[True]["final_loss"] == pytest.approx(runs[False]["final_loss"], rel=1e-5)
 
 
-def test_features_mode_trains_and_saves_its_brain_side(stage1, llm_dir, tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_features_mode_trains_and_saves_its_brain_side(stage1, llm_dir, tmp_path, lora):
     corpus, tok_dir = stage1
     cfg = align_cfg(llm_dir, input_mode="features", position_ids="per_step", steps=4, checkpoint_every=4,
-                    eval_every=4)
+                    eval_every=4, lora={"enabled": lora})
     metrics = train(cfg, AlignInputs(corpus, tok_dir, tmp_path), LocalRuntime(tmp_path / "checkpoints"))
     assert 0 <= metrics["val/f2f_accuracy"] <= 1 and (tmp_path / "brain_adapter.safetensors").is_file()
     from llm_train.export import load_aligned
 
+    # what stage 3 and eval load (a LoRA folder: peft wraps the grown embedding)
     model, tokenizer, _, meta = load_aligned(tmp_path)
-    assert (meta["input_mode"], meta["position_ids"]) == ("features", "per_step")
+    assert (meta["input_mode"], meta["position_ids"], meta["lora"]) == ("features", "per_step", lora)
     assert "<|brain_0|>" not in tokenizer.get_vocab() and "<|scan_start|>" in tokenizer.get_vocab()
 
 
