@@ -118,6 +118,17 @@ def _timed_task(phase: str, fn, log_dir: str):
     return task
 
 
+def timed(clock: dict[str, float], name: str, fn):
+    """`fn`, adding the seconds each call takes to clock[name]."""
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock[name] = clock.get(name, 0.0) + time.perf_counter() - t0
+    return wrapper
+
+
 def run_build(source: Path, out: Path, workers: int, shard_size: int) -> dict:
     import ray
 
@@ -126,18 +137,8 @@ def run_build(source: Path, out: Path, workers: int, shard_size: int) -> dict:
 
     cfg = load_config(None, [f"corpus.build.workers={workers}", f"corpus.build.shard_size={shard_size}"]).corpus
     clock: dict[str, float] = {}
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                clock[name] = clock.get(name, 0.0) + time.perf_counter() - t0
-        return wrapper
-
-    ray.init = timed("ray start", ray.init)                       # build._init_ray calls ray.init
-    build.fit_reference = timed("reference fit", build.fit_reference)
+    ray.init = timed(clock, "ray start", ray.init)                # build._init_ray calls ray.init
+    build.fit_reference = timed(clock, "reference fit", build.fit_reference)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-tasks-"))
     for phase in ("extract", "describe", "write"):
         setattr(build, f"{phase}_shard", _timed_task(phase, getattr(build, f"{phase}_shard"), str(log_dir)))
@@ -175,16 +176,7 @@ def run_add(source: Path, out: Path) -> dict:
     import corpus_builder.grow as grow
 
     clock = {"ray start": 0.0}
-    init = ray.init
-
-    def timed_init(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return init(*args, **kwargs)
-        finally:
-            clock["ray start"] += time.perf_counter() - t0
-
-    ray.init = timed_init
+    ray.init = timed(clock, "ray start", ray.init)                # grow._init_ray calls ray.init
     start = time.perf_counter()
     result = grow.add_to_corpus([str(source)], out)
     seconds = time.perf_counter() - start - clock["ray start"]

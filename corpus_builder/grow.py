@@ -103,26 +103,17 @@ def _first_change(ours, theirs, path: str) -> str:
     return path
 
 
-def legacy_version(out: Path, cfg: CorpusConfig) -> dict | None:
-    """A corpus built before versions: the version-1 record its first add writes (checksums of its files as they are,
-    its config); None for a corpus with versions."""
-    out = Path(out)
-    record = finished_record(out)
-    if record.get("version") is not None:
-        return None
+def _adopt(out: Path, cfg: CorpusConfig, record: dict) -> None:
+    """A corpus built before versions: write its version 1 (checksums of its files as they are, its config), with
+    the first add's plan, after every check."""
     started = json.loads((out / STARTED).read_text())
     manifest = read_manifest(out)
     sums = {name: shard_checksums(out, name, i, "shards") for i, name in enumerate(record["shards"])}
     first = make_record(out, version=1, parent=None, sources=started.get("sources", []),
                         source_files=record.get("source_files"), shards=sums, manifest="manifest.parquet",
                         manifest_df=manifest, added=manifest, known_subjects=set(), config=cfg.model_dump(mode="json"))
-    return first | {"recorded": "after the build, by its first `corpus add` (checksums of the files as they were then)"}
-
-
-def _adopt(out: Path, first: dict) -> None:
-    """Write a legacy corpus's version 1 (with the add's plan, after every check)."""
+    first["recorded"] = "after the build, by its first `corpus add` (checksums of the files as they were then)"
     write_json_atomic(out / version_path(1), first)
-    record = finished_record(out)
     _write_atomic(out / COMPLETE, json.dumps(record | {"version": 1, "manifest": "manifest.parquet"}, indent=1))
 
 
@@ -138,10 +129,13 @@ def add_to_corpus(specs: list[str], out: Path, cfg: CorpusConfig | None = None, 
     out = Path(out)
     record = finished_record(out)
     cfg = corpus_config(out, cfg)
-    adopted = legacy_version(out, cfg)
-    versions = [adopted] if adopted is not None else read_versions(out)
-    check_frozen(out, versions)
-    seed, current = int(record["seed"]), versions[-1]["version"]
+    legacy = record.get("version") is None  # built before versions: its version 1 is written with this add's plan
+    current = 1
+    if not legacy:
+        versions = read_versions(out)
+        check_frozen(out, versions)
+        current = versions[-1]["version"]
+    seed = int(record["seed"])
     plan = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
     if plan is not None and plan["sources"] != specs:
         raise InputError(f"{out}: an add of {','.join(plan['sources'])} was interrupted; rerun `fmrilm corpus add` "
@@ -166,8 +160,8 @@ def add_to_corpus(specs: list[str], out: Path, cfg: CorpusConfig | None = None, 
     if plan is None:
         plan = {"sources": specs, "version": current + 1, "parent": current, "shards": names,
                 "rows": [first_row, first_row + len(shards) * size], "committing": False}
-        if adopted is not None:
-            _adopt(out, adopted)
+        if legacy:
+            _adopt(out, cfg, record)
         write_json_atomic(out / PLAN, plan)  # first: what the add writes, so a kill can be resumed
     elif plan["shards"] != names or plan["version"] != current + 1:
         raise InputError(f"{out / PLAN}: an interrupted add planned other shards than these sources give now "
@@ -328,7 +322,7 @@ def repair(out: Path, cfg: CorpusConfig | None = None, *, progress=None, ray_add
     seed, size = int(record["seed"]), cfg.build.shard_size
     for name in report["damaged_shards"]:
         version = added_by[name]
-        rows = _intact_rows(out, versions, report, name)
+        rows = _intact_rows(out, versions[version["version"] - 1:], report, name)
         records = {r.key: r for r in discover_all(version["sources"], cfg.source)}
         missing = [k for k in rows["key"] if k not in records]
         if missing:
@@ -368,12 +362,11 @@ def _first_row(rows: pd.DataFrame, sums: dict, keys: np.ndarray, size: int) -> i
     return int(np.flatnonzero(keys == sorted(rows["key"])[0])[0])
 
 
-def _intact_rows(out: Path, versions: list[dict], report: dict, name: str) -> pd.DataFrame:
-    """The manifest rows of shard `name` from a record that verified: a version manifest that holds the shard, or
-    else the shard's own manifest part."""
+def _intact_rows(out: Path, holding: list[dict], report: dict, name: str) -> pd.DataFrame:
+    """The manifest rows of shard `name` from a record that verified: a manifest of the versions that hold the shard
+    (`holding`: the one that added it and those after), or else the shard's own manifest part."""
     damaged = {p["path"] for p in report["problems"]}
-    added = next(r["version"] for r in versions if name in r["shards"])
-    for r in versions[added - 1:]:
+    for r in holding:
         if r["manifest"] not in damaged:
             manifest = pd.read_parquet(out / r["manifest"])
             return manifest[manifest["shard"] == name]

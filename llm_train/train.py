@@ -216,7 +216,9 @@ class ValidationSet:
         if unknown:
             raise InputError(f"align.eval.claims: {', '.join(unknown)} is no claim of {corpus}'s train captions")
         self.caption_batches = [val.scans_of(self.caption_keys[i:i + 4]) for i in range(0, len(self.caption_keys), 4)]
-        self.caption_scans = [val.scans_of([k]) for k in self.caption_keys]  # teacher-forced, one scan at a time
+        # teacher-forced, one scan at a time: the same encoded scans, not encoded again
+        self.caption_scans = [{k: v[i:i + 1] for k, v in b.items()}
+                              for b in self.caption_batches for i in range(len(b["codes"]))]
         self.caption_suffixes = [val.suffix([c]) for c in self.captions]
         self.prompt_ids = tokenizer(cfg.prompt + "\n", add_special_tokens=False)["input_ids"]
 
